@@ -1,0 +1,386 @@
+"""Load and validate the YAML configuration into frozen pydantic models."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
+ENV_CONFIG = "ETRND_CONFIG"
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# RFC 1985 arguments: node, @domain or #queue. The character set is deliberately narrow:
+# anything outside it is a typo or an injection attempt, and it goes on the wire verbatim.
+_ETRN_BODY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_IFNAME_GLOB = re.compile(r"^[A-Za-z0-9_.:@*?\[\]!-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as `key.path: reason`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `500ms`, `30s`, `5m`, `2h`, `1d` or a plain non-negative number."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 500ms, 30s, 5m, 2h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value.strip())
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a duration (use e.g. 500ms, 30s, 5m, 2h or plain seconds)"
+            )
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    else:
+        raise ValueError("a duration is a number of seconds or a string like 500ms, 30s, 5m, 2h")
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError("a duration must be a finite number >= 0")
+    return seconds
+
+
+def _no_blank_or_control(value: str) -> str:
+    bad = [c for c in value if c.isspace() or ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise ValueError("must not contain white space or control characters")
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def check_etrn_argument(value: str) -> str:
+    """Accept a node name, `@domain` or `#queue`; anything else never reaches the wire."""
+    _no_blank_or_control(value)
+    if len(value) > 255:
+        raise ValueError("is longer than 255 characters")
+    body = value[1:] if value[0] in "@#" else value
+    if not body:
+        raise ValueError(f"{value!r} names nothing after {value[0]!r}")
+    if not value.isascii():
+        raise ValueError(f"{value!r} is not ASCII (write an internationalised domain as xn--...)")
+    if not _ETRN_BODY.match(body):
+        raise ValueError(
+            f"{value!r} is not a node name, @domain or #queue "
+            "(letters, digits, '.', '-', '_' after an optional @ or #)"
+        )
+    return value
+
+
+def _check_hostname(value: str) -> str:
+    _no_blank_or_control(value)
+    if value.startswith("[") and value.endswith("]"):
+        return value  # address literal, e.g. EHLO [192.0.2.1]
+    if not _HOSTNAME.match(value) and not _is_ip(value):
+        raise ValueError(f"{value!r} is not a valid host name or address")
+    return value
+
+
+def _is_ip(value: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def _check_ifname(value: str) -> str:
+    _no_blank_or_control(value)
+    if "/" in value or not _IFNAME_GLOB.match(value):
+        raise ValueError(f"{value!r} is not an interface name or glob")
+    if not any(c in value for c in "*?[") and len(value) > 15:
+        raise ValueError(f"{value!r} is longer than an interface name can be (15)")
+    return value
+
+
+@dataclass(frozen=True, repr=False)
+class Secret:
+    """A password read from a file; it never prints itself."""
+
+    source: str
+    value: str
+
+    def __repr__(self) -> str:
+        return f"Secret(source={self.source!r}, value='**********')"
+
+    __str__ = __repr__
+
+
+def _read_password(value: object) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a file path or a credential name")
+    if "/" in value:
+        path = Path(value)
+    else:
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred_dir:
+            raise ValueError(
+                f"{value!r} is a bare credential name but $CREDENTIALS_DIRECTORY is not set"
+            )
+        path = Path(cred_dir) / value
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    password = raw.rstrip("\r\n")
+    if not password:
+        raise ValueError(f"{path} is empty")
+    if any(c in password for c in "\r\n\0"):
+        raise ValueError(f"{path} holds more than one line")
+    return Secret(source=str(path), value=password)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
+HostName = Annotated[str, AfterValidator(_check_hostname)]
+WireToken = Annotated[str, AfterValidator(_no_blank_or_control)]
+InterfacePattern = Annotated[str, AfterValidator(_check_ifname)]
+# Dumped as its source path so model_dump()/JSON status can never carry the password.
+Password = Annotated[
+    Secret, BeforeValidator(_read_password), PlainSerializer(lambda s: s.source, return_type=str)
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class Watch(_Model):
+    interfaces: tuple[InterfacePattern, ...] = ()
+    up_when: Literal["carrier", "address", "default-route"] = "default-route"
+    family: Literal["ipv4", "ipv6", "any"] = "any"
+    settle: Duration = 2.0
+    min_interval: Duration = 30.0
+
+
+class Auth(_Model):
+    username: WireToken
+    password_file: Password
+    allow_plaintext: bool = False
+
+
+TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
+
+
+def default_helo() -> str:
+    """The machine's FQDN, or its host name when that is all /etc/hosts knows."""
+    name = socket.getfqdn()
+    try:
+        return _check_hostname(name)
+    except ValueError:
+        return "localhost"
+
+
+class Relay(_Model):
+    name: WireToken | None = None
+    host: HostName | None = None
+    hosts: tuple[HostName, ...] | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: TlsMode = "opportunistic"
+    verify: bool = True
+    helo: HostName | None = None
+    auth: Auth | None = None
+    timeout: Duration = 30.0
+    etrn: tuple[EtrnArgument, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Relay:
+        if (self.host is None) == (self.hosts is None):
+            raise ValueError("give exactly one of host or hosts")
+        if self.auth is not None and self.tls == "none" and not self.auth.allow_plaintext:
+            raise ValueError(
+                "auth with tls: none would send the password in clear; "
+                "use TLS or set auth.allow_plaintext: true"
+            )
+        if self.auth is not None and self.auth.allow_plaintext and self.tls != "none":
+            raise ValueError("auth.allow_plaintext only applies with tls: none")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be greater than 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.all_hosts[0]
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        return self.hosts if self.hosts is not None else (self.host or "",)
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 465 if self.tls == "implicit" else 25
+
+
+class Retry(_Model):
+    first_delay: Duration = 5.0
+    max_delay: Duration = 600.0
+    factor: float = Field(default=2.0, ge=1.0, le=100.0)
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    give_up_after: Duration = 7200.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Retry:
+        if self.first_delay <= 0:
+            raise ValueError("first_delay must be greater than 0")
+        if self.max_delay < self.first_delay:
+            raise ValueError("max_delay must not be shorter than first_delay")
+        return self
+
+
+class Control(_Model):
+    socket: Path = Path("/run/etrnd/control.sock")
+
+
+class Log(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json", "journal"] = "auto"
+
+
+class Config(_Model):
+    watch: Watch = Watch()
+    relays: tuple[Relay, ...] = Field(min_length=1)
+    retry: Retry = Retry()
+    repeat: Duration = 0.0
+    control: Control = Control()
+    log: Log = Log()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        seen: set[str] = set()
+        for relay in self.relays:
+            if relay.label in seen:
+                raise ValueError(f"relay name {relay.label!r} is used twice")
+            seen.add(relay.label)
+        return self
+
+    def relay(self, name: str) -> Relay:
+        for relay in self.relays:
+            if relay.label == name:
+                return relay
+        known = ", ".join(r.label for r in self.relays)
+        raise KeyError(f"no relay named {name!r} (configured: {known})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """`-c FILE`, else `$ETRND_CONFIG`, else the system default."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # Pydantic puts validator names (e.g. "function-after[...]") into some locations.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]
+    return ".".join(parts) or "(top level)"
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _problems(exc: ValidationError) -> Iterator[str]:
+    errors = exc.errors(include_url=False, include_input=False)
+    locs = [_format_loc(err["loc"]) for err in errors]
+    for err, loc in zip(errors, locs, strict=True):
+        # A list whose items failed also reports "too short": only the items' reasons help.
+        if err["type"] == "too_short" and any(o.startswith(loc + ".") for o in locs):
+            continue
+        msg = _MESSAGES.get(err["type"], err["msg"])
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        yield f"{loc}: {msg}"
+
+
+def parse_config(data: object) -> Config:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        raise ConfigError(["(top level): the file is empty; at least relays: is required"])
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping of keys (watch, relays, retry, ...)"])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(list(_problems(exc))) from None
+
+
+def parse_yaml(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError([f"{where}: YAML syntax: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: YAML syntax: {exc}"]) from None
+    return parse_config(data)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, parse and validate; every failure is a ConfigError with readable problems."""
+    resolved = resolve_path(path)
+    try:
+        raw = resolved.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{resolved}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{resolved}: not UTF-8 text (byte {exc.start})"]) from None
+    return parse_yaml(text, str(resolved))

@@ -1,0 +1,89 @@
+"""Native journald protocol: one datagram of FIELD=value lines per event, no dependency."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+from typing import Any
+
+DEFAULT_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "etrnd"
+
+# syslog priorities, as journalctl -p understands them.
+PRIORITY = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3, "critical": 2}
+# Short log keys that would be ambiguous (or clash with journald's own CODE_* fields) get a
+# product prefix: `journalctl -u etrnd ETRN_CODE=459`.
+FIELD_NAMES = {"code": "ETRN_CODE", "text": "ETRN_TEXT", "arg": "ETRN_ARG", "event": "EVENT",
+               "level": "LEVEL"}
+
+
+def field_name(key: str) -> str:
+    """Journal field names are upper case [A-Z0-9_] and must not start with '_'."""
+    name = FIELD_NAMES.get(key)
+    if name is None:
+        name = "".join(c if c.isalnum() and c.isascii() else "_" for c in key.upper())
+        name = name.lstrip("_") or "FIELD"
+        if name[0].isdigit():
+            name = "F_" + name
+    return name
+
+
+def _message(event_dict: dict[str, Any]) -> str:
+    from etrnd.logs import render_logfmt  # the readable line, same as the console one
+
+    shown = {k: v for k, v in event_dict.items() if k not in ("timestamp", "level")}
+    return render_logfmt(shown).strip()
+
+
+def encode(event_dict: dict[str, Any]) -> bytes:
+    """Serialise an event; values with a newline use the binary length-prefixed form."""
+    level = str(event_dict.get("level", "info"))
+    fields: list[tuple[str, str]] = [
+        ("MESSAGE", _message(event_dict)),
+        ("PRIORITY", str(PRIORITY.get(level, 6))),
+        ("SYSLOG_IDENTIFIER", IDENTIFIER),
+    ]
+    fields += [(field_name(k), _text(v)) for k, v in event_dict.items() if k != "timestamp"]
+    out = bytearray()
+    for name, value in fields:
+        raw = value.encode("utf-8", "replace")
+        if b"\n" in raw:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(raw)) + raw + b"\n"
+        else:
+            out += name.encode() + b"=" + raw + b"\n"
+    return bytes(out)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+class JournalSender:
+    """Sends to journald; large events go through a sealed memfd as journald expects."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self._path = path or DEFAULT_SOCKET
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def send(self, event_dict: dict[str, Any]) -> None:
+        data = encode(event_dict)
+        try:
+            self._sock.sendto(data, self._path)
+        except OSError as exc:
+            if exc.errno not in (90, 105):  # EMSGSIZE, ENOBUFS: too big for a datagram
+                return  # logging must never take the daemon down
+            self._send_memfd(data)
+
+    def _send_memfd(self, data: bytes) -> None:
+        fd = os.memfd_create("etrnd-journal", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 2))
+        try:
+            os.write(fd, data)
+            rights = array.array("i", [fd])
+            self._sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0,
+                               self._path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

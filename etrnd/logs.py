@@ -1,0 +1,121 @@
+"""Structured logging: one event per line, the same keys as console, JSON or journal fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from etrnd import journal
+
+Level = str
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+# Keys whose values must never be rendered, whoever passes them by mistake.
+_SECRET_KEYS = frozenset({"password", "secret", "passwd", "auth_password", "token"})
+
+EventDict = MutableMapping[str, Any]
+
+
+def get_logger() -> Any:
+    """The process-wide logger; call sites pass a stable snake_case event name and fields."""
+    return structlog.get_logger("etrnd")
+
+
+def _redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    for key in event_dict.keys() & _SECRET_KEYS:
+        event_dict[key] = "**********"
+    return event_dict
+
+
+def _quote(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def render_logfmt(event_dict: EventDict) -> str:
+    """`ts level event k=v ...`: grep-able, one line, values quoted only when needed."""
+    ts = event_dict.pop("timestamp", "")
+    level = event_dict.pop("level", "info")
+    event = event_dict.pop("event", "")
+    fields = " ".join(f"{k}={_quote(v)}" for k, v in event_dict.items())
+    return f"{ts} {level:<7} {event} {fields}".rstrip()
+
+
+class _LineRenderer:
+    def __init__(self, fmt: str) -> None:
+        self._fmt = fmt
+
+    def __call__(self, _: Any, __: str, event_dict: EventDict) -> str:
+        if self._fmt == "json":
+            return json.dumps(event_dict, default=str, ensure_ascii=False)
+        return render_logfmt(event_dict)
+
+
+class _JournalRenderer:
+    """Turns the event into journal fields and sends them; the stdlib layer gets nothing."""
+
+    def __init__(self, sender: journal.JournalSender) -> None:
+        self._sender = sender
+
+    def __call__(self, _: Any, __: str, event_dict: EventDict) -> str:
+        self._sender.send(dict(event_dict))
+        raise structlog.DropEvent
+
+
+def journal_stream_matches(stream: TextIO) -> bool:
+    """True when stderr is the journal stream systemd set up ($JOURNAL_STREAM=dev:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == dev and st.st_ino == ino
+
+
+def pick_format(fmt: str, stream: TextIO) -> str:
+    if fmt != "auto":
+        return fmt
+    if journal_stream_matches(stream):
+        return "journal"
+    return "console" if stream.isatty() else "json"
+
+
+def _timestamp(_: Any, __: str, event_dict: EventDict) -> EventDict:
+    now = time.time()
+    event_dict["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
+        f".{int(now % 1 * 1000):03d}Z"
+    )
+    return event_dict
+
+
+def configure(level: Level = "info", fmt: str = "auto", stream: TextIO | None = None,
+              journal_socket: str | None = None) -> str:
+    """Set up structlog for the whole process; returns the format actually chosen."""
+    out = stream if stream is not None else sys.stderr
+    chosen = pick_format(fmt, out)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _redact,
+    ]
+    if chosen == "journal":
+        processors.append(_JournalRenderer(journal.JournalSender(journal_socket)))
+    else:
+        processors += [_timestamp, _LineRenderer(chosen)]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    return chosen

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian/Ubuntu machine: installs what the tests need
+# (Debian packages, a virtualenv with the test extras), then ruff, mypy --strict and pytest.
+# Namespace and Postfix tests need root; run as root, or with sudo available.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k postfix
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need=()
+[ -x /usr/sbin/postfix ] || need+=(postfix)
+command -v ip >/dev/null || need+=(iproute2)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v script >/dev/null || need+=(bsdutils)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "== installing Debian packages: ${need[*]}"
+    $SUDO apt-get update -qq
+    # Postfix must not ask questions nor start a system instance of its own.
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${need[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    python3 -m venv .venv
+fi
+echo "== installing etrnd with test extras"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy --strict"
+.venv/bin/mypy
+echo "== pytest"
+$SUDO .venv/bin/python -m pytest "$@"

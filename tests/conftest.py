@@ -1,0 +1,19 @@
+"""Shared fixtures: root-only tests skip cleanly elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.nettools import is_root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_root = pytest.mark.skip(reason="needs root (network namespaces)")
+    skip_slow = pytest.mark.skip(reason="slow; set ETRND_SLOW=1")
+    for item in items:
+        if "root" in item.keywords and not is_root():
+            item.add_marker(skip_root)
+        if "slow" in item.keywords and os.environ.get("ETRND_SLOW") != "1":
+            item.add_marker(skip_slow)

@@ -1,0 +1,72 @@
+"""Test helpers: network namespaces and veth pairs that are always removed."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+_counter = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    """A short name unique to this process and call; interface names fit IFNAMSIZ (15)."""
+    return f"{prefix}{os.getpid() % 100000}x{next(_counter)}"[:15]
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Netns:
+    name: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def cmd(self, *cmd: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *cmd]
+
+    def run(self, *cmd: str, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return sh(*self.cmd(*cmd), check=check, timeout=timeout)
+
+    def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "-n", self.name, *args, check=check)
+
+    def popen(self, *cmd: str, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(self.cmd(*cmd), **kwargs)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+
+@contextlib.contextmanager
+def netns(prefix: str = "etn") -> Iterator[Netns]:
+    """Create a namespace with loopback up; kill what we started in it and delete it."""
+    ns = Netns(unique(prefix))
+    sh("ip", "netns", "add", ns.name)
+    try:
+        ns.ip("link", "set", "lo", "up")
+        yield ns
+    finally:
+        for proc in ns.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        sh("ip", "netns", "del", ns.name, check=False)
+
+
+def veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
+    """A veth pair with one end in each namespace (the pair dies with either namespace)."""
+    sh("ip", "link", "add", a_name, "netns", a.name, "type", "veth",
+       "peer", "name", b_name, "netns", b.name)
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
