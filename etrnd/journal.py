@@ -30,18 +30,14 @@ def field_name(key: str) -> str:
     return name
 
 
-def _message(event_dict: dict[str, Any]) -> str:
-    from etrnd.logs import render_logfmt  # the readable line, same as the console one
+def encode(event_dict: dict[str, Any], message: str) -> bytes:
+    """Serialise an event; values with a newline use the binary length-prefixed form.
 
-    shown = {k: v for k, v in event_dict.items() if k not in ("timestamp", "level")}
-    return render_logfmt(shown).strip()
-
-
-def encode(event_dict: dict[str, Any]) -> bytes:
-    """Serialise an event; values with a newline use the binary length-prefixed form."""
+    `message` is the readable one-line form, so `journalctl` without -o verbose says it all.
+    """
     level = str(event_dict.get("level", "info"))
     fields: list[tuple[str, str]] = [
-        ("MESSAGE", _message(event_dict)),
+        ("MESSAGE", message),
         ("PRIORITY", str(PRIORITY.get(level, 6))),
         ("SYSLOG_IDENTIFIER", IDENTIFIER),
     ]
@@ -67,8 +63,8 @@ class JournalSender:
         self._path = path or DEFAULT_SOCKET
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
-    def send(self, event_dict: dict[str, Any]) -> None:
-        data = encode(event_dict)
+    def send(self, event_dict: dict[str, Any], message: str) -> None:
+        data = encode(event_dict, message)
         try:
             self._sock.sendto(data, self._path)
         except OSError as exc:

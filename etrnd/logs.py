@@ -41,13 +41,20 @@ def _quote(value: object) -> str:
     return text
 
 
+def render_message(event_dict: EventDict) -> str:
+    """`event k=v ...`: grep-able, one line, values quoted only when needed."""
+    fields = " ".join(
+        f"{k}={_quote(v)}" for k, v in event_dict.items()
+        if k not in ("timestamp", "level", "event")
+    )
+    return f"{event_dict.get('event', '')} {fields}".rstrip()
+
+
 def render_logfmt(event_dict: EventDict) -> str:
-    """`ts level event k=v ...`: grep-able, one line, values quoted only when needed."""
-    ts = event_dict.pop("timestamp", "")
-    level = event_dict.pop("level", "info")
-    event = event_dict.pop("event", "")
-    fields = " ".join(f"{k}={_quote(v)}" for k, v in event_dict.items())
-    return f"{ts} {level:<7} {event} {fields}".rstrip()
+    """`ts level event k=v ...` for terminals and plain files."""
+    return f"{event_dict.get('timestamp', '')} {event_dict.get('level', 'info'):<7} " + (
+        render_message(event_dict)
+    )
 
 
 class _LineRenderer:
@@ -67,7 +74,7 @@ class _JournalRenderer:
         self._sender = sender
 
     def __call__(self, _: Any, __: str, event_dict: EventDict) -> str:
-        self._sender.send(dict(event_dict))
+        self._sender.send(dict(event_dict), render_message(event_dict))
         raise structlog.DropEvent
 
 
