@@ -1,0 +1,263 @@
+"""The SMTP side: ETRN sessions on aiosmtplib, with TLS/AUTH policy, host failover, clean cancel."""
+
+from __future__ import annotations
+
+import functools
+import os
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
+
+from etrnd.config import Relay, check_etrn_argument, default_helo
+from etrnd.logs import get_logger
+from etrnd.replies import (
+    Outcome,
+    Verdict,
+    classify_auth,
+    classify_reply,
+    failure,
+    invalid_argument,
+)
+
+# Sendmail tarpits a session from its 8th ETRN; 5 keeps well clear and still batches.
+MAX_ETRN_PER_SESSION = 5
+# QUIT is a courtesy: never let a silent server hold up a round (or a cancel) for long.
+QUIT_TIMEOUT = 2.0
+# AUTH PLAIN first: one round trip, and we only ever AUTH under TLS (or by explicit consent).
+_AUTH_PREFERENCE = ("plain", "login")
+
+OnHost = Callable[[str], None]
+OnReply = Callable[[str, Verdict], None]
+
+
+def _ignore_host(_: str) -> None:
+    return None
+
+
+def _ignore_reply(_: str, __: Verdict) -> None:
+    return None
+
+
+@dataclass
+class AttemptResult:
+    """What one attempt (sessions over the relay's hosts) learned."""
+
+    replies: dict[str, Verdict] = field(default_factory=dict)  # per argument, this attempt
+    # Why the attempt ended early: the last transient failure after every host was tried, or
+    # the 459/500/502 reply or AUTH refusal that ends the relay's round. None: all answered.
+    stop: Verdict | None = None
+    host: str | None = None  # the host that was tried last
+
+
+class _Refused(Exception):
+    """Internal: a session step failed in a way that is already a Verdict."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(verdict.text)
+        self.verdict = verdict
+
+
+@functools.cache
+def helo_name() -> str:
+    """The machine's FQDN, looked up once (not while the link is just coming up)."""
+    return default_helo()
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """A client context; honours SSL_CERT_FILE / SSL_CERT_DIR like the rest of OpenSSL."""
+    return _tls_context(verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _tls_context(verify: bool, _cafile: str | None, _capath: str | None) -> ssl.SSLContext:
+    # Cached per trust setting: loading the system store costs more than a loopback session.
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _describe(exc: BaseException) -> Verdict:
+    """Any exception out of a session step, as a transient failure with a short text."""
+    name = type(exc).__name__
+    if isinstance(exc, SMTPResponseException):
+        code = exc.code if 100 <= exc.code <= 599 else None
+        return failure(name, f"{exc.code} {exc.message}" if code else exc.message, code)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return failure(name, exc.verify_message or str(exc))
+    return failure(name, str(exc) or name)
+
+
+async def _hello(smtp: SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except SMTPHeloError as exc:
+        # A server that does not speak ESMTP still takes HELO and, often, ETRN.
+        if not (500 <= exc.code <= 599 and smtp.is_connected):
+            raise
+        await smtp.helo()
+
+
+async def _secure(smtp: SMTP, relay: Relay, host: str, log: Any) -> str:
+    """EHLO, then STARTTLS per policy and EHLO again; returns how the session is protected."""
+    await _hello(smtp)
+    if relay.tls in ("implicit", "none"):
+        return relay.tls
+    if smtp.supports_extension("starttls"):
+        await smtp.starttls(server_hostname=host)
+        # aiosmtplib forgets the extensions on upgrade and does not ask again by itself.
+        await _hello(smtp)
+        return "starttls"
+    if relay.tls == "starttls":
+        raise _Refused(failure("StartTLSNotOffered",
+                               "tls: starttls but the server does not offer STARTTLS; "
+                               "nothing was sent"))
+    log.info("etrn_no_tls", reason="server does not offer STARTTLS")
+    return "none"
+
+
+async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
+    auth = relay.auth
+    assert auth is not None
+    if tls == "none" and not (relay.tls == "none" and auth.allow_plaintext):
+        raise _Refused(failure("AuthWithoutTLS",
+                               "AUTH is configured but the session is not encrypted; "
+                               "credentials not sent"))
+    offered = [m for m in _AUTH_PREFERENCE if m in smtp.server_auth_methods]
+    if not offered:
+        raise _Refused(failure("AuthNotOffered",
+                               f"server offers no usable AUTH mechanism "
+                               f"({', '.join(smtp.server_auth_methods) or 'none'})"))
+    # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
+    method = getattr(smtp, f"auth_{offered[0]}")
+    try:
+        await method(auth.username, auth.password_file.value)
+    except SMTPAuthenticationError as exc:
+        verdict = classify_auth(exc.code, exc.message)
+        log.error("etrn_auth_failed", user=auth.username, mechanism=offered[0],
+                  code=verdict.code, text=verdict.text)
+        raise _Refused(verdict) from None
+    log.info("etrn_auth", user=auth.username, mechanism=offered[0])
+
+
+async def _goodbye(smtp: SMTP, step_timeout: float) -> None:
+    try:
+        if smtp.is_connected:
+            await smtp.quit(timeout=min(step_timeout, QUIT_TIMEOUT))
+    except Exception:  # noqa: S110 - the server's manners at QUIT change nothing
+        pass
+    finally:
+        smtp.close()
+
+
+async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[str, Verdict],
+                  *, attempt: int = 1, on_reply: OnReply = _ignore_reply) -> Verdict | None:
+    """One SMTP session to `host` sending ETRN for `args` (at most MAX_ETRN_PER_SESSION).
+
+    Each answer is stored in `replies` as it arrives. Returns None when every argument was
+    answered, else the Verdict that ended the session. Only CancelledError escapes; after a
+    cancel the session is closed (QUIT with a short timeout) before it propagates.
+    """
+    log = get_logger().bind(relay=relay.label, host=host)
+    smtp = SMTP(
+        hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
+        timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
+        tls_context=None if relay.tls == "none" else tls_context(relay.verify),
+    )
+    try:
+        await smtp.connect()
+        tls = await _secure(smtp, relay, host, log)
+        log.info("etrn_session", port=relay.effective_port, tls=tls, attempt=attempt)
+        if tls != "none" and not relay.verify:
+            log.warning("tls_not_verified", reason="verify: false in the config")
+        if relay.auth is not None:
+            await _authenticate(smtp, relay, tls, log)
+        if not smtp.supports_extension("etrn"):
+            log.warning("etrn_not_advertised", reason="EHLO does not list ETRN; sending anyway")
+        for arg in args[:MAX_ETRN_PER_SESSION]:
+            verdict = await _etrn(smtp, arg, attempt, log)
+            replies[arg] = verdict
+            on_reply(arg, verdict)
+            if verdict.outcome in (Outcome.REFUSED_ROUND, Outcome.REFUSED_RELAY):
+                return verdict
+            if not smtp.is_connected:
+                # e.g. 421: aiosmtplib closes the connection on it, as it should.
+                return failure("SMTPServerDisconnected",
+                               f"server closed the session after ETRN {arg}", verdict.code)
+        return None
+    except _Refused as exc:
+        if exc.verdict.outcome is Outcome.TRANSIENT:
+            log.warning("etrn_session_failed", error=exc.verdict.error, text=exc.verdict.text,
+                        attempt=attempt)
+        return exc.verdict
+    except Exception as exc:
+        # Whatever the server sent (or failed to send) ends up here as a classified failure.
+        verdict = _describe(exc)
+        log.warning("etrn_session_failed", error=verdict.error, text=verdict.text,
+                    attempt=attempt)
+        return verdict
+    finally:
+        await _goodbye(smtp, relay.timeout)
+
+
+async def _etrn(smtp: SMTP, arg: str, attempt: int, log: Any) -> Verdict:
+    try:
+        check_etrn_argument(arg)  # again, right before the wire: CR/LF must never be sent
+    except ValueError as exc:
+        verdict = invalid_argument(arg, str(exc))
+        log.error("etrn_refused", arg=arg, code=None, text=verdict.text, outcome=verdict.outcome,
+                  attempt=attempt)
+        return verdict
+    started = time.monotonic()
+    response = await smtp.execute_command(b"ETRN", arg.encode("ascii"))
+    elapsed_ms = round((time.monotonic() - started) * 1000, 1)
+    verdict = classify_reply(response.code, response.message)
+    fields: dict[str, Any] = {"arg": arg, "code": verdict.code, "text": verdict.text,
+                              "attempt": attempt, "elapsed_ms": elapsed_ms}
+    if verdict.pending is not None:
+        fields["pending"] = verdict.pending
+    if verdict.outcome is Outcome.ACCEPTED:
+        log.info("etrn_reply", **fields)
+    elif verdict.outcome is Outcome.TRANSIENT:
+        log.warning("etrn_reply", outcome=verdict.outcome, **fields)
+    else:
+        log.error("etrn_refused", outcome=verdict.outcome, **fields)
+    return verdict
+
+
+async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
+                  on_host: OnHost = _ignore_host,
+                  on_reply: OnReply = _ignore_reply) -> AttemptResult:
+    """Send ETRN for `args` to the relay: hosts in order, a new session every few arguments.
+
+    Connect, TLS, time-out and protocol failures move on to the next host with the arguments
+    still unanswered; a reply (even 4xx) does not, since that host did answer.
+    """
+    result = AttemptResult()
+    todo = list(dict.fromkeys(args))
+    for host in relay.all_hosts:
+        result.host = host
+        on_host(host)
+        stop: Verdict | None = None
+        while todo:
+            stop = await session(relay, host, todo, result.replies, attempt=attempt,
+                                 on_reply=on_reply)
+            todo = [a for a in todo if a not in result.replies]
+            if stop is not None:
+                break
+        if stop is None:
+            result.stop = None
+            return result
+        result.stop = stop
+        if stop.outcome is not Outcome.TRANSIENT:
+            return result
+    return result
+
+
+__all__ = ["MAX_ETRN_PER_SESSION", "AttemptResult", "OnHost", "OnReply", "attempt",
+           "helo_name", "session", "tls_context"]
