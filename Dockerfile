@@ -11,6 +11,9 @@
 #     etrnd
 #   docker exec etrnd etrnd status
 #
+# With podman/buildah, build with `--format docker`: the OCI image format has no HEALTHCHECK
+# and they drop it (with a warning).
+#
 # compose.yaml does the same. The secret file must be readable by UID 10001 (bind mounts keep
 # the host's owner and mode), and the config then says `password_file: /run/secrets/isp`.
 
@@ -35,14 +38,17 @@ LABEL org.opencontainers.image.title="etrnd" \
 
 # The wheels are bind-mounted, not copied, so they never become an image layer. pip and
 # setuptools go afterwards: nothing installs anything at run time, and less code is less to
-# patch. /run/etrnd is the control socket's directory, owned by the daemon's user so it
+# patch. The group gets the same number as the user (useradd --system would pick one below
+# 1000), so USER, the files and compose's tmpfs uid/gid all agree.
+# /run/etrnd is the control socket's directory, owned by the daemon's user so it
 # works even without the tmpfs that compose.yaml mounts there.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         --no-index --find-links=/wheels /wheels/etrnd-*.whl \
     && pip uninstall --yes --disable-pip-version-check --root-user-action=ignore \
         pip setuptools wheel \
-    && useradd --system --uid "${ETRND_UID}" --user-group --no-create-home \
+    && groupadd --system --gid "${ETRND_UID}" etrnd \
+    && useradd --system --uid "${ETRND_UID}" --gid etrnd --no-create-home --no-log-init \
         --home-dir /nonexistent --shell /usr/sbin/nologin etrnd \
     && install -d -m 0755 /etc/etrnd \
     && install -d -o etrnd -g etrnd -m 0750 /run/etrnd

@@ -378,10 +378,13 @@ def test_image_runs_etrnd_run_as_non_root(stages: list[list[Instruction]]) -> No
 
 def test_image_user_owns_the_socket_directory(stages: list[list[Instruction]]) -> None:
     final = stages[-1]
-    uid = _find(final, "USER")[-1].args.split(":")[0]
-    assert _stage_args(final).get("ETRND_UID") == uid, "useradd and USER disagree"
-    socket_dir = str(Control().socket.parent)
+    uid, _, gid = _find(final, "USER")[-1].args.partition(":")
+    assert _stage_args(final).get("ETRND_UID") == uid == gid, "USER is not ETRND_UID:ETRND_UID"
     runs = " ".join(i.args for i in _find(final, "RUN"))
+    # The account behind USER: same numbers, so file ownership and compose's tmpfs agree.
+    assert re.search(r'groupadd [^&]*--gid "\$\{ETRND_UID\}" etrnd\b', runs), runs
+    assert re.search(r'useradd [^&]*--uid "\$\{ETRND_UID\}" --gid etrnd\b', runs), runs
+    socket_dir = str(Control().socket.parent)
     assert re.search(rf"install -d -o etrnd -g etrnd -m 07[0-7]0 {socket_dir}\b", runs), runs
 
 
@@ -465,11 +468,12 @@ def test_compose_locks_the_container_down(service: dict[str, Any]) -> None:
 def test_compose_socket_tmpfs_belongs_to_the_image_user(
     service: dict[str, Any], stages: list[list[Instruction]],
 ) -> None:
-    uid = _find(stages[-1], "USER")[-1].args.split(":")[0]
+    uid, _, gid = _find(stages[-1], "USER")[-1].args.partition(":")
     tmpfs = dict(_tmpfs_options(service))
     socket_dir = str(Control().socket.parent)
     assert socket_dir in tmpfs, f"no writable {socket_dir} on a read-only root: {tmpfs}"
     assert tmpfs[socket_dir].get("uid") == uid, tmpfs[socket_dir]
+    assert tmpfs[socket_dir].get("gid") == gid, tmpfs[socket_dir]
 
 
 def test_compose_mounts_config_read_only_and_password_as_secret(
