@@ -1,10 +1,341 @@
-"""The daemon: link watcher + ETRN rounds (placeholder until it lands)."""
+"""`etrnd run`: link decisions start ETRN rounds; signals, control socket and systemd notify."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sys
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from etrnd import __version__, logs
+from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
+from etrnd.control import ControlError, ControlServer
+from etrnd.logs import get_logger
+from etrnd.rounds import ArgStatus, RelayStatus, run_round
+from etrnd.sdnotify import Notifier
+from etrnd.watch import Decision, LinkWatcher
+
+log = get_logger()
+
+# SIGTERM must end the process within a second even mid-session: QUIT gets this long.
+STOP_GRACE = 0.7
+
+
+def _iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+class Daemon:
+    """Owns the watcher, one round task per relay at most, and the outside interfaces."""
+
+    def __init__(self, path: Path, config: Config, notifier: Notifier | None = None) -> None:
+        self.path = path
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.started = time.time()
+        self.rounds_started = 0
+        self.last_round: float | None = None
+        self.link_since: float | None = None
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._status: dict[str, RelayStatus] = {}
+        self._watcher: LinkWatcher | None = None
+        self._control: ControlServer | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._repeat: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        log.info("daemon_start", version=__version__, pid=os.getpid(), config=str(self.path))
+        self._control = ControlServer(self.config.control.socket, self.handle_request)
+        await self._control.start()
+        try:
+            self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
+            await self._watcher.start()
+            for sig, handler in (
+                (signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+                (signal.SIGHUP, self.request_reload),
+                (signal.SIGUSR1, lambda: self.trigger(None, "SIGUSR1")),
+            ):
+                loop.add_signal_handler(sig, handler)
+            watch = self._spawn(self._follow_link(self._watcher))
+            self._spawn(self._watchdog())
+            self._restart_repeat()
+            self.notifier.ready(self.summary())
+            log.info("daemon_ready", link="up" if self._watcher.up else "down",
+                     why=self._watcher.why, relays=[r.label for r in self.config.relays])
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([stop, watch], return_when=asyncio.FIRST_COMPLETED)
+            failed = watch.done() and not watch.cancelled() and watch.exception() is not None
+            return 1 if failed else 0
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("daemon_stop")
+        rounds = [*self._tasks.values(), *self._closing]
+        for task in [*rounds, *self._background]:
+            task.cancel()
+        if rounds:
+            # Rounds close their sessions (QUIT) on cancel; never wait past the grace period.
+            await asyncio.wait(rounds, timeout=STOP_GRACE)
+        if self._watcher is not None:
+            await self._watcher.close()
+        if self._control is not None:
+            await self._control.close()
+        self.notifier.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _follow_link(self, watcher: LinkWatcher) -> None:
+        try:
+            async for decision in watcher.decisions():
+                self.on_decision(decision)
+        except Exception as exc:
+            log.error("daemon_fatal", reason="link watcher failed", error=str(exc))
+            raise
+
+    def on_decision(self, decision: Decision) -> None:
+        if decision.kind == "up":
+            self.link_since = time.time()
+        elif decision.kind == "down":
+            self.link_since = time.time()
+            self.cancel_rounds("link_down")
+        else:
+            self.start_rounds(None, "link_up")
+        self._publish()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        while True:
+            # Only a live loop runs this; only a live netlink reader earns the ping.
+            if self._watcher is not None and self._watcher.healthy():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _restart_repeat(self) -> None:
+        if self._repeat is not None:
+            self._repeat.cancel()
+            self._repeat = None
+        if self.config.repeat > 0:
+            self._repeat = self._spawn(self._repeat_rounds(self.config.repeat))
+
+    async def _repeat_rounds(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if self._watcher is not None and self._watcher.up:
+                self.start_rounds(None, "repeat")
+
+    # --- rounds ----------------------------------------------------------------------------
+    def start_rounds(self, only: str | None, reason: str) -> list[str]:
+        """Start a round on each relay (or one) that has none running; returns their names."""
+        started: list[str] = []
+        for relay in self.config.relays:
+            if only is not None and relay.label != only:
+                continue
+            running = self._tasks.get(relay.label)
+            if running is not None:
+                # A round is already on it: a trigger cuts its backoff short, nothing queues.
+                if reason != "link_up" and reason != "repeat":
+                    self._wake[relay.label].set()
+                log.info("round_busy", relay=relay.label, reason=reason)
+                continue
+            started.append(relay.label)
+            self._tasks[relay.label] = asyncio.create_task(
+                self._round(relay, reason), name=f"etrnd-round-{relay.label}")
+        if started:
+            self.rounds_started += 1
+            self.last_round = time.time()
+        return started
+
+    async def _round(self, relay: Relay, reason: str) -> None:
+        status = self._status.setdefault(relay.label, RelayStatus(relay.label))
+        wake = self._wake.setdefault(relay.label, asyncio.Event())
+        wake.clear()
+
+        async def sleep(delay: float) -> None:
+            # Backoff that `etrnd trigger` or SIGUSR1 can cut short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
+
+        log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
+        try:
+            await run_round(relay, self.config.retry, None, status, sleep=sleep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost one relay one round, not the daemon
+            log.error("round_crashed", relay=relay.label, error=type(exc).__name__,
+                      text=str(exc)[:300])
+        finally:
+            if self._tasks.get(relay.label) is asyncio.current_task():
+                del self._tasks[relay.label]
+            self._publish()
+
+    def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
+        for label, task in list(self._tasks.items()):
+            if only is not None and label not in only:
+                continue
+            log.info("round_cancelled", relay=label, reason=reason)
+            task.cancel()
+            del self._tasks[label]
+            # Still closing its session; a new round for the relay may start right away.
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def trigger(self, relay: str | None, reason: str) -> list[str]:
+        log.info("round_requested", relay=relay or "all", reason=reason)
+        names = self.start_rounds(relay, reason)
+        self._publish()
+        return names
+
+    # --- reload ----------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True  # a SIGHUP storm collapses into one more reload
+            return
+        self._reloading = self._spawn(self._reload())
+
+    async def _reload(self) -> None:
+        while True:
+            self._reload_again = False
+            self.notifier.reloading(time.monotonic_ns() // 1000)
+            try:
+                new = await asyncio.to_thread(load_config, self.path)
+            except ConfigError as exc:
+                log.error("config_reload_failed", config=str(self.path), problems=exc.problems,
+                          kept="previous configuration")
+            else:
+                await self._apply(new)
+            self.notifier.ready(self.summary())
+            if not self._reload_again:
+                return
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        if new.control.socket != old.control.socket:
+            server = ControlServer(new.control.socket, self.handle_request)
+            try:
+                await server.start()
+            except ControlError as exc:
+                log.error("config_reload_failed", config=str(self.path), problems=[str(exc)],
+                          kept="previous configuration")
+                return
+            if self._control is not None:
+                await self._control.close()
+            self._control = server
+        if new.log != old.log:
+            logs.configure(new.log.level, new.log.format)
+        kept = {r.label: r for r in new.relays}
+        changed = {r.label for r in old.relays if kept.get(r.label) != r}
+        self.cancel_rounds("config_reloaded", only=changed)
+        for label in changed - kept.keys():
+            self._status.pop(label, None)
+            self._wake.pop(label, None)
+        self.config = new
+        if new.watch != old.watch and self._watcher is not None:
+            self._watcher.reconfigure(new.watch)
+        if new.repeat != old.repeat:
+            self._restart_repeat()
+        log.info("config_reloaded", config=str(self.path),
+                 relays=[r.label for r in new.relays], changed=sorted(changed))
+
+    # --- control socket and status -----------------------------------------------------------
+    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["cmd"] == "status":
+            return {"ok": True, **self.status()}
+        relay = request.get("relay")
+        if relay is not None and (not isinstance(relay, str)
+                                  or relay not in {r.label for r in self.config.relays}):
+            return {"ok": False, "error": f"no relay named {str(relay)[:64]!r}"}
+        return {"ok": True, "relays": self.trigger(relay, "trigger")}
+
+    def status(self) -> dict[str, Any]:
+        watcher = self._watcher
+        return {
+            "version": __version__, "pid": os.getpid(), "started": _iso(self.started),
+            "config": str(self.path),
+            "link": {"up": bool(watcher and watcher.up), "why": watcher.why if watcher else "",
+                     "since": _iso(self.link_since),
+                     "watching": list(self.config.watch.interfaces) or ["*"],
+                     "up_when": self.config.watch.up_when},
+            "rounds_started": self.rounds_started, "last_round": _iso(self.last_round),
+            "relays": [self._relay_status(r) for r in self.config.relays],
+        }
+
+    def _relay_status(self, relay: Relay) -> dict[str, Any]:
+        st = self._status.get(relay.label)
+        running = relay.label in self._tasks
+        state = ("waiting" if st and st.next_try else "running") if running else "idle"
+        args = list(st.args.values()) if st else [ArgStatus(a) for a in relay.etrn]
+        return {
+            "name": relay.label, "hosts": list(relay.all_hosts), "state": state,
+            "round_start": _iso(st.round_start if st else None),
+            "attempts": st.attempts if st else 0,
+            "next_try": _iso(st.next_try if st else None), "host": st.host if st else None,
+            "args": [{**a.as_dict(), "outcome": str(a.outcome) if st else "never-sent",
+                      "when": _iso(a.when)} for a in args],
+        }
+
+    def summary(self) -> str:
+        """The one-line STATUS= that `systemctl status etrnd` shows."""
+        watcher = self._watcher
+        link = "link up" if watcher and watcher.up else "link down"
+        parts = []
+        for relay in self.config.relays:
+            st = self._status.get(relay.label)
+            if relay.label in self._tasks:
+                parts.append(f"{relay.label}: retrying" if st and st.next_try
+                             else f"{relay.label}: sending")
+            elif st and st.args:
+                ok = sum(1 for a in st.args.values() if str(a.outcome) == "accepted")
+                parts.append(f"{relay.label}: {ok}/{len(st.args)} accepted")
+            else:
+                parts.append(f"{relay.label}: idle")
+        return f"{link}; " + ", ".join(parts)
+
+    def _publish(self) -> None:
+        self.notifier.status(self.summary())
 
 
 def run_command(path: str | None) -> int:
-    print("etrnd: run is not implemented yet", file=sys.stderr)
+    from etrnd.cli import load_or_report
+
+    config = load_or_report(path)
+    if config is None:
+        return 2
+    logs.configure(config.log.level, config.log.format)
+    daemon = Daemon(resolve_path(path), config)
+    try:
+        return asyncio.run(daemon.run())
+    except ControlError as exc:
+        log.error("daemon_fatal", reason=str(exc))
+        print(f"etrnd: {exc}", file=sys.stderr)
+    except OSError as exc:
+        log.error("daemon_fatal", reason=f"netlink: {exc.strerror or exc}")
+        print(f"etrnd: cannot watch the network (netlink): {exc.strerror or exc}",
+              file=sys.stderr)
+    except KeyboardInterrupt:
+        return 0
     return 1
+
+

@@ -41,7 +41,7 @@ def encode(event_dict: dict[str, Any], message: str) -> bytes:
         ("PRIORITY", str(PRIORITY.get(level, 6))),
         ("SYSLOG_IDENTIFIER", IDENTIFIER),
     ]
-    fields += [(field_name(k), _text(v)) for k, v in event_dict.items() if k != "timestamp"]
+    fields += [(field_name(k), str(v)) for k, v in event_dict.items() if k != "timestamp"]
     out = bytearray()
     for name, value in fields:
         raw = value.encode("utf-8", "replace")
@@ -50,10 +50,6 @@ def encode(event_dict: dict[str, Any], message: str) -> bytes:
         else:
             out += name.encode() + b"=" + raw + b"\n"
     return bytes(out)
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else str(value)
 
 
 class JournalSender:

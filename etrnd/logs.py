@@ -34,8 +34,17 @@ def _redact(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def plain(value: object) -> str:
+    """A field value as text: lists comma-joined (`args=@a.example,#q`), the rest as str()."""
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(plain(v) for v in value) if value else "[]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else str(value)
+
+
 def _quote(value: object) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = plain(value)
     if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
         return json.dumps(text, ensure_ascii=False)
     return text
@@ -74,7 +83,8 @@ class _JournalRenderer:
         self._sender = sender
 
     def __call__(self, _: Any, __: str, event_dict: EventDict) -> str:
-        self._sender.send(dict(event_dict), render_message(event_dict))
+        fields = {k: plain(v) for k, v in event_dict.items()}
+        self._sender.send(fields, render_message(event_dict))
         raise structlog.DropEvent
 
 
