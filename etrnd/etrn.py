@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import ssl
@@ -27,6 +28,7 @@ from etrnd.replies import (
 MAX_ETRN_PER_SESSION = 5
 # QUIT is a courtesy: never let a silent server hold up a round (or a cancel) for long.
 QUIT_TIMEOUT = 2.0
+CANCEL_QUIT_TIMEOUT = 0.5  # after a cancel (link down, Ctrl-C) the caller is waiting on us
 # AUTH PLAIN first: one round trip, and we only ever AUTH under TLS (or by explicit consent).
 _AUTH_PREFERENCE = ("plain", "login")
 
@@ -148,7 +150,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
 async def _goodbye(smtp: SMTP, step_timeout: float) -> None:
     try:
         if smtp.is_connected:
-            await smtp.quit(timeout=min(step_timeout, QUIT_TIMEOUT))
+            await smtp.quit(timeout=step_timeout)
     except Exception:  # noqa: S110 - the server's manners at QUIT change nothing
         pass
     finally:
@@ -169,6 +171,7 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
         timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
         tls_context=None if relay.tls == "none" else tls_context(relay.verify),
     )
+    quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     try:
         await smtp.connect()
         tls = await _secure(smtp, relay, host, log)
@@ -190,6 +193,9 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
                 return failure("SMTPServerDisconnected",
                                f"server closed the session after ETRN {arg}", verdict.code)
         return None
+    except asyncio.CancelledError:
+        quit_timeout = min(quit_timeout, CANCEL_QUIT_TIMEOUT)
+        raise
     except _Refused as exc:
         if exc.verdict.outcome is Outcome.TRANSIENT:
             log.warning("etrn_session_failed", error=exc.verdict.error, text=exc.verdict.text,
@@ -202,7 +208,7 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
                     attempt=attempt)
         return verdict
     finally:
-        await _goodbye(smtp, relay.timeout)
+        await _goodbye(smtp, quit_timeout)
 
 
 async def _etrn(smtp: SMTP, arg: str, attempt: int, log: Any) -> Verdict:

@@ -18,7 +18,7 @@ import trustme
 from etrnd import etrn
 from etrnd.config import Relay, Retry
 from etrnd.replies import Outcome
-from etrnd.rounds import ArgOutcome, RelayStatus, run_round
+from etrnd.rounds import ArgOutcome, RelayStatus, run_all, run_round
 from tests.fakesmtp import DROP, HANG, OK, PARTIAL, FakeSmtp, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -374,3 +374,35 @@ async def test_cancelling_a_round_stops_retries_at_once() -> None:
             await asyncio.wait_for(task, 1)
     assert len(fake.lines("ETRN")) == 1
     assert status.next_try is None and not status.running
+
+
+async def test_relays_run_in_parallel_and_one_failure_stays_its_own() -> None:
+    async def no_wait(delay: float) -> None:
+        return None
+
+    hanging, fine = FakeSmtp(etrn_replies=[HANG]), FakeSmtp()
+    async with serve(hanging), serve(fine):
+        slow = relay(hanging.port, name="slow", timeout=0.5)
+        dead = relay(1, name="dead")  # nothing listens on port 1
+        good = relay(fine.port, name="good", etrn=["@g.test"])
+        # each clock reading is 2 s later: every relay's deadline passes after one attempt
+        results = await run_all([slow, dead, good], Retry(first_delay=1, give_up_after=1),
+                                sleep=no_wait, clock=iter(range(0, 1000, 2)).__next__)
+    by_name = {r.relay: r for r in results}
+    assert by_name["good"].accepted == ("@g.test",) and by_name["good"].ok
+    assert by_name["dead"].failed == ("@a.test",)
+    assert by_name["slow"].failed == ("@a.test",)
+
+
+async def test_a_crashing_relay_does_not_take_the_others_down() -> None:
+    async def send(r: Relay, args: Any, **kw: Any) -> etrn.AttemptResult:
+        if r.label == "bad":
+            raise RuntimeError("bug")
+        return await etrn.attempt(r, args, **kw)
+
+    fake = FakeSmtp()
+    async with serve(fake):
+        results = await run_all([relay(fake.port, name="bad"), relay(fake.port, name="good")],
+                                Retry(), send=send)
+    assert [(r.relay, r.accepted, r.failed) for r in results] == [
+        ("bad", (), ("@a.test",)), ("good", ("@a.test",), ())]
