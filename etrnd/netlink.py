@@ -234,7 +234,9 @@ class NetlinkSource:
             self.close()
             try:
                 await self._open()
-                return await asyncio.wait_for(self._snapshot(reason), REQUEST_TIMEOUT)
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancel.
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    return await self._snapshot(reason)
             except (OSError, NetlinkError, TimeoutError) as exc:
                 log.warning("netlink_resync_failed", reason=reason, error=str(exc))
                 await asyncio.sleep(delay)
@@ -276,6 +278,6 @@ class NetlinkSource:
                 if isinstance(event, AddrEvent) and event.deleted:
                     name = self._names.get(event.index)
                     if name is not None and self._route_iface(name):
-                        routes = await asyncio.wait_for(
-                            self.default_routes(event.index, event.family), REQUEST_TIMEOUT)
+                        async with asyncio.timeout(REQUEST_TIMEOUT):
+                            routes = await self.default_routes(event.index, event.family)
                         yield DefaultRoutes(event.index, event.family, routes)

@@ -48,8 +48,10 @@ class LinkWatcher:
 
     def __init__(self, watch: Watch, *, clock: Callable[[], float] = time.monotonic,
                  bpf: bool = True, rcvbuf: int = DEFAULT_RCVBUF,
-                 debug_rcvbuf: int | None = None) -> None:
+                 debug_rcvbuf: int | None = None,
+                 on_verdict: Callable[[Verdict], None] | None = None) -> None:
         self._clock = clock
+        self._on_verdict = on_verdict  # called whenever the "why" changes (STATUS= lines)
         self._state = LinkState(watch.interfaces, watch.up_when, watch.family)
         self._debounce = Debouncer(watch.settle, watch.min_interval)
         self._source = NetlinkSource(route_iface=self._state.matches, bpf=bpf, rcvbuf=rcvbuf,
@@ -153,6 +155,8 @@ class LinkWatcher:
     def _evaluate(self) -> None:
         verdict = self._state.verdict()
         changed = verdict.up != self._verdict.up
+        if verdict != self._verdict and self._on_verdict is not None:
+            self._on_verdict(verdict)
         self._verdict = verdict
         if changed:
             self._emit("up" if verdict.up else "down")
@@ -205,6 +209,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--family", choices=["ipv4", "ipv6", "any"])
     p.add_argument("--settle", type=parse_duration)
     p.add_argument("--min-interval", type=parse_duration)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print every change of the reason, not only up/down")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Hidden knobs for tests and benchmarks: force overflows.
     p.add_argument("--debug-no-filter", action="store_true", help=argparse.SUPPRESS)
@@ -222,7 +228,11 @@ def _watch_from(args: argparse.Namespace) -> Watch:
 
 
 async def _print_decisions(watch: Watch, args: argparse.Namespace) -> None:
-    watcher = LinkWatcher(watch, bpf=not args.debug_no_filter, debug_rcvbuf=args.debug_rcvbuf)
+    def show(v: Verdict) -> None:
+        print(_line("state", time.monotonic(), up=str(v.up).lower(), why=v.why), flush=True)
+
+    watcher = LinkWatcher(watch, bpf=not args.debug_no_filter, debug_rcvbuf=args.debug_rcvbuf,
+                          on_verdict=show if args.verbose else None)
     async with watcher:
         print(_line("ready", time.monotonic(), state="up" if watcher.up else "down",
                     why=watcher.why), flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -80,7 +82,7 @@ def test_flapping_at_10hz_is_bounded() -> None:
                 rounds.append(t)
             t += 0.01
     assert len(rounds) <= 10 / 1.0 + 1
-    assert all(b - a >= 1.0 - 1e-9 for a, b in zip(rounds, rounds[1:], strict=False))
+    assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(rounds))
 
 
 @given(st.lists(st.tuples(st.booleans(), st.floats(0, 5)), max_size=60),
@@ -105,4 +107,4 @@ def test_properties(steps: list[tuple[bool, float]], settle: float, min_interval
             assert d.due() is None
         elif up_since is None:
             up_since = t
-    assert all(b - a >= min_interval - 1e-9 for a, b in zip(rounds, rounds[1:], strict=False))
+    assert all(b - a >= min_interval - 1e-9 for a, b in itertools.pairwise(rounds))
