@@ -56,7 +56,8 @@ class JournalSender:
     """Sends to journald; large events go through a sealed memfd as journald expects."""
 
     def __init__(self, path: str | None = None) -> None:
-        self._path = path or DEFAULT_SOCKET
+        # ETRND_JOURNAL_SOCKET lets tests capture exactly what journald would receive.
+        self._path = path or os.environ.get("ETRND_JOURNAL_SOCKET") or DEFAULT_SOCKET
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
     def send(self, event_dict: dict[str, Any], message: str) -> None:
