@@ -95,13 +95,13 @@ def raise_rcvbuf(sock: Any, size: int) -> int:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-        if got < size and not _rcvbuf_warned:
-            _rcvbuf_warned = True
-            log.warning("netlink_rcvbuf_limited", wanted=size, got=got,
-                        hint="raise net.core.rmem_max or grant CAP_NET_ADMIN")
-        return got
-    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+    # The kernel reports twice what it grants (the other half is its bookkeeping).
+    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2
+    if got < size and not _rcvbuf_warned:
+        _rcvbuf_warned = True
+        log.warning("netlink_rcvbuf_limited", wanted=size, got=got,
+                    hint="raise net.core.rmem_max or grant CAP_NET_ADMIN")
+    return got
 
 
 def _header(msg: Any) -> tuple[int, int]:

@@ -29,8 +29,8 @@ def fields(line: str) -> dict[str, str]:
 class Watcher:
     """`python -m etrnd.watch` inside a namespace; every output line is kept and timed."""
 
-    def __init__(self, ns: Netns, *args: str) -> None:
-        self.proc = ns.popen(sys.executable, "-m", "etrnd.watch", "--verbose", *args,
+    def __init__(self, ns: Netns, *args: str, wrap: tuple[str, ...] = ()) -> None:
+        self.proc = ns.popen(*wrap, sys.executable, "-m", "etrnd.watch", "--verbose", *args,
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._q: queue.Queue[tuple[float, str] | None] = queue.Queue()
@@ -135,6 +135,7 @@ def test_carrier(ns: Netns) -> None:
     ip(ns, "link", "set", wan, "up")
     w = Watcher(ns, "--interfaces", wan, "--up-when", "carrier", "--settle", "0")
     assert w.ready("down")["why"] == f"{wan}: no carrier"
+    assert not [line for line in w.lines if "rcvbuf_limited" in line]  # root: FORCE works
     ip(ns, "link", "set", peer, "up")
     assert w.decision("up")["why"] == f"{wan}: carrier up"
     ip(ns, "link", "set", peer, "down")
@@ -322,3 +323,20 @@ def test_flapping_at_10hz_is_rate_limited(ns: Netns) -> None:
     assert 2 <= len(rounds) <= allowed, rounds
     assert all(b - a >= 0.999 for a, b in itertools.pairwise(rounds)), rounds
     assert sum("event=up" in line for line in w.lines) > len(rounds)
+
+
+@pytest.mark.root
+def test_without_capabilities_the_buffer_is_capped_and_said_once(ns: Netns) -> None:
+    if int(ns.run("sysctl", "-n", "net.core.rmem_max").stdout) >= 8 << 20:
+        pytest.skip("rmem_max is large enough: nothing would be limited")
+    wan, peer = wan_pair(ns)
+    for dev in (wan, peer):
+        ip(ns, "link", "set", dev, "up")
+    w = Watcher(ns, "--interfaces", wan, "--up-when", "carrier",
+                wrap=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                      "--inh-caps=-all", "--bounding-set=-all"))
+    w.ready("up")
+    limited = [line for line in w.lines if "netlink_rcvbuf_limited" in line]
+    assert len(limited) == 1 and "wanted=8388608" in limited[0], w.lines
+    ip(ns, "link", "set", peer, "down")
+    w.decision("down")
