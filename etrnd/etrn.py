@@ -50,7 +50,7 @@ class AttemptResult:
 
     replies: dict[str, Verdict] = field(default_factory=dict)  # per argument, this attempt
     # Why the attempt ended early: the last transient failure after every host was tried, or
-    # the 459/500/502 reply or AUTH refusal that ends the relay's round. None: all answered.
+    # the 500/502 reply or AUTH refusal that ends the relay's round. None: all answered.
     stop: Verdict | None = None
     host: str | None = None  # the host that was tried last
 
@@ -186,7 +186,9 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
             verdict = await _etrn(smtp, arg, attempt, log)
             replies[arg] = verdict
             on_reply(arg, verdict)
-            if verdict.outcome in (Outcome.REFUSED_ROUND, Outcome.REFUSED_RELAY):
+            # 459 refuses one node (Postfix: a domain it does not flush); the others may be
+            # fine, so only "ETRN not supported" ends the session.
+            if verdict.outcome is Outcome.REFUSED_RELAY:
                 return verdict
             if not smtp.is_connected:
                 # e.g. 421: aiosmtplib closes the connection on it, as it should.

@@ -12,7 +12,7 @@ class Outcome(StrEnum):
 
     ACCEPTED = "accepted"  # 250-253: the queue run started (or nothing was waiting)
     TRANSIENT = "transient"  # 4xx (not 459), connect/TLS/time-out/protocol errors: retry
-    REFUSED_ROUND = "refused_round"  # 459: this node is not allowed; stop for this round
+    REFUSED_ROUND = "refused_round"  # 459: this node is not allowed; not retried this round
     REFUSED_RELAY = "refused_relay"  # 500/502 (ETRN not supported), AUTH refused: stop relay
     REFUSED_ARG = "refused_arg"  # 501, 504, 55x, other 5xx: drop this argument
 

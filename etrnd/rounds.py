@@ -176,7 +176,7 @@ def _settle(status: RelayStatus, todo: list[str], result: etrn.AttemptResult,
         if stop is None:
             continue  # cannot happen with etrn.attempt; never retry forever on a fake
         if ends_relay:
-            # 459 ends the round for the relay, 500/502 or a refused AUTH the relay itself:
+            # 500/502 or a refused AUTH end the round for the relay:
             # the arguments not yet answered are refused with the reason that stopped us.
             st.outcome, st.code, st.when = ArgOutcome.REFUSED, stop.code, now
             st.text = f"not sent: {stop.text}"
