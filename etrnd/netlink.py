@@ -16,6 +16,7 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from etrnd.linkstate import (
+    IFF_UP,
     AddrEvent,
     DefaultRoutes,
     Event,
@@ -39,7 +40,6 @@ NLM_F_DUMP_INTR = 0x10
 GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400  # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, ROUTE
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
-SO_DETACH_FILTER = 27
 DEFAULT_RCVBUF = 8 << 20
 REQUEST_TIMEOUT = 5.0
 # A destination no sane table routes more specifically than the default route; with
@@ -221,7 +221,7 @@ class NetlinkSource:
         self._names = {link.index: link.name for link in links}
         routes: list[RouteEvent] = []
         for link in links:
-            if link.flags & 1 and self._route_iface(link.name):
+            if link.flags & IFF_UP and self._route_iface(link.name):
                 for family in _PROBE:
                     routes += await self.default_routes(link.index, family)
         return Snapshot(links=links, addrs=addrs, routes=tuple(dict.fromkeys(routes)),
@@ -238,6 +238,8 @@ class NetlinkSource:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     return await self._snapshot(reason)
             except (OSError, NetlinkError, TimeoutError) as exc:
+                if reason == "start":
+                    raise  # at start, a clear failure beats retrying a sandbox refusal forever
                 log.warning("netlink_resync_failed", reason=reason, error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
