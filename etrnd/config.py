@@ -48,7 +48,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like 500ms, 30s, 5m, 2h")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # a YAML integer of hundreds of digits
+            raise ValueError("a duration must be a finite number >= 0") from None
     elif isinstance(value, str):
         match = _DURATION.match(value.strip())
         if match is None:
