@@ -90,7 +90,8 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
             self._server = None
         # Only remove the socket if it is still ours (a successor may have replaced it).
         with contextlib.suppress(OSError):
@@ -105,7 +106,8 @@ class ControlServer:
         try:
             reply = await self._answer(reader)
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                await writer.drain()
         except (OSError, TimeoutError):
             pass
         finally:
@@ -114,7 +116,8 @@ class ControlServer:
 
     async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
         try:
-            line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                line = await reader.readline()
         except (ValueError, asyncio.LimitOverrunError):
             return _refuse("request too long")
         except TimeoutError:

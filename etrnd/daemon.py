@@ -173,9 +173,11 @@ class Daemon:
         wake.clear()
 
         async def sleep(delay: float) -> None:
-            # Backoff that `etrnd trigger` or SIGUSR1 can cut short.
+            # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
+            # wait_for: in 3.11 wait_for can swallow the cancel a link-down sends.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await wake.wait()
             wake.clear()
 
         log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))

@@ -23,7 +23,11 @@ async def _session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    quiet: bool) -> None:
     writer.write(GREETING)
     try:
-        while line := await asyncio.wait_for(reader.readline(), 30):
+        while True:
+            async with asyncio.timeout(30):
+                line = await reader.readline()
+            if not line:
+                break
             verb, _, arg = line.decode("ascii", "replace").strip().partition(" ")
             verb = verb.upper()
             if verb in ("EHLO", "HELO"):
@@ -79,7 +83,8 @@ async def _demo(seconds: float | None) -> int:
         daemon = await asyncio.create_subprocess_exec(*etrnd, "run", "-c", str(config))
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(daemon.wait(), seconds)
+                async with asyncio.timeout(seconds):
+                    await daemon.wait()
             if daemon.returncode is None:
                 print("[demo] etrnd status:", flush=True)
                 status = await asyncio.create_subprocess_exec(*etrnd, "status", "-c", str(config))
