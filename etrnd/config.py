@@ -303,6 +303,12 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:  # `? [a]: b` or `{a: 1}: b`: YAML allows it, no config key is one
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping",
+                key_node.start_mark) from None
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
@@ -371,7 +377,11 @@ def parse_yaml(text: str, source: str = "<config>") -> Config:
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError([f"{where}: YAML syntax: {exc.problem or exc.context}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: YAML syntax: {exc}"]) from None
+        # e.g. ReaderError (a control character): its text spans lines; a problem is one.
+        raise ConfigError([f"{source}: YAML syntax: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        # PyYAML composes recursively: `[[[[...` a few thousand deep exhausts the stack.
+        raise ConfigError([f"{source}: YAML syntax: nested too deeply"]) from None
     return parse_config(data)
 
 
