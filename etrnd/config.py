@@ -334,8 +334,15 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     # Pydantic puts validator names (e.g. "function-after[...]") into some locations.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]
+    parts = [_key(p) for p in loc if not (isinstance(p, str) and "[" in p)]
     return ".".join(parts) or "(top level)"
+
+
+def _key(part: int | str) -> str:
+    # An unknown key is the user's text: quote it when it is empty or holds a line break or
+    # other control, so each problem stays one readable `key.path: reason` line.
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
 
 
 _MESSAGES = {
