@@ -96,10 +96,25 @@ def check_etrn_argument(value: str) -> str:
 def _check_hostname(value: str) -> str:
     _no_blank_or_control(value)
     if value.startswith("[") and value.endswith("]"):
-        return value  # address literal, e.g. EHLO [192.0.2.1]
+        # An address literal (RFC 5321 4.1.3) goes into EHLO verbatim: its inside must be a
+        # real address, or a typo like [é] is accepted here and fails every session later.
+        inner = value[1:-1]
+        v6 = inner[:5].lower() == "ipv6:"
+        try:
+            socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, inner[5:] if v6 else inner)
+        except OSError:
+            raise ValueError(f"{value!r} is not an address literal "
+                             "(write [192.0.2.1] or [IPv6:2001:db8::1])") from None
+        return value
     if not _HOSTNAME.match(value) and not _is_ip(value):
         raise ValueError(f"{value!r} is not a valid host name or address")
     return value
+
+
+def _check_server(value: str) -> str:
+    if value.startswith("["):
+        raise ValueError(f"{value!r}: write a server address without brackets")
+    return _check_hostname(value)
 
 
 def _is_ip(value: str) -> bool:
@@ -165,6 +180,7 @@ def _read_password(value: object) -> Secret:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
 HostName = Annotated[str, AfterValidator(_check_hostname)]
+ServerName = Annotated[str, AfterValidator(_check_server)]  # connect() takes no [literal]
 WireToken = Annotated[str, AfterValidator(_no_blank_or_control)]
 InterfacePattern = Annotated[str, AfterValidator(_check_ifname)]
 # Dumped as its source path so model_dump()/JSON status can never carry the password.
@@ -205,8 +221,8 @@ def default_helo() -> str:
 
 class Relay(_Model):
     name: WireToken | None = None
-    host: HostName | None = None
-    hosts: tuple[HostName, ...] | None = Field(default=None, min_length=1)
+    host: ServerName | None = None
+    hosts: tuple[ServerName, ...] | None = Field(default=None, min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsMode = "opportunistic"
     verify: bool = True
