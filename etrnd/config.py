@@ -277,8 +277,15 @@ class Retry(_Model):
         return self
 
 
+def _check_socket_path(value: Path) -> Path:
+    # bind() raises ValueError, not OSError, on a NUL: the daemon would die with a traceback.
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 class Control(_Model):
-    socket: Path = Path("/run/etrnd/control.sock")
+    socket: Annotated[Path, AfterValidator(_check_socket_path)] = Path("/run/etrnd/control.sock")
 
 
 class Log(_Model):
