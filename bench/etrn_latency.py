@@ -1,0 +1,284 @@
+"""Benchmark: WAN link-up -> ETRN received at the ISP, etrnd vs. a dispatcher-style script.
+
+Run as root:  .venv/bin/python bench/etrn_latency.py [--flaps 50] [--idle 60]
+
+Two namespaces joined by a veth pair: the "office" runs the contender, the "isp" runs the
+toy ETRN server (`python -m etrnd.demo --serve`), which prints the CLOCK_MONOTONIC time each
+ETRN arrives. This process joins the office namespace and sets the WAN admin up through
+netlink (as pppd does with ppp0), stamping the time just before. (Flapping the *peer* end
+instead changes the carrier, which the kernel reports through linkwatch, rate-limited to
+about one event a second: flaps faster than that are never seen by anyone.) Contenders:
+
+- etrnd: `etrnd run`, settle 0, min_interval 0, watching the WAN with up_when: carrier;
+- dispatcher + etrnd send: what an ip-up / networkd-dispatcher hook does: a netlink watcher
+  (`ip monitor link`) that spawns `etrnd send` on each link-up;
+- dispatcher + smtplib: the same watcher spawning the smallest possible one-shot client
+  (`python3 -S -c` with smtplib), a lower bound for any spawn-per-event design.
+
+Also: start -> READY=1 time, and idle RSS and wake-ups (context switches) over --idle s.
+Only namespaces this script creates are touched; they are removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import queue
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.nettools import Netns, netns, unique, veth  # noqa: E402
+
+ISP, OFFICE, PORT = "198.51.100.1", "198.51.100.2", 25
+CLONE_NEWNET = 0x40000000
+
+WATCHER = r"""
+import subprocess, sys
+iface, cmd = sys.argv[1], sys.argv[2:]
+up = False
+mon = subprocess.Popen(["ip", "-o", "monitor", "link"], stdout=subprocess.PIPE, text=True)
+print("READY", flush=True)
+for line in mon.stdout:
+    if f" {iface}@" not in line and f" {iface}:" not in line:
+        continue
+    flags = line[line.index("<") + 1:line.index(">")].split(",") if "<" in line else []
+    now_up = "UP" in flags and "LOWER_UP" in flags
+    if now_up and not up:
+        subprocess.Popen(cmd)
+    up = now_up
+"""
+
+ONESHOT = (
+    "import smtplib,sys; s=smtplib.SMTP(sys.argv[1], int(sys.argv[2]), "
+    "local_hostname='office.example.test', timeout=5); s.ehlo(); "
+    "s.docmd('ETRN', '@example.test'); s.quit()"
+)
+
+
+def enter(ns: Netns) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
+_readers: dict[int, queue.Queue[str]] = {}
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str | None:
+    """The next stdout line, or None at the deadline. A reader thread per process, since
+    select() on a buffered pipe misses lines that an earlier readline() already buffered."""
+    lines = _readers.get(proc.pid)
+    if lines is None:
+        lines = _readers[proc.pid] = queue.Queue()
+        stream = proc.stdout
+        assert stream is not None
+        threading.Thread(target=lambda: [lines.put(x.strip()) for x in stream],
+                         daemon=True).start()
+    try:
+        return lines.get(timeout=timeout) if timeout > 0 else lines.get_nowait()
+    except queue.Empty:
+        return None
+
+
+@contextmanager
+def lab() -> Iterator[tuple[Netns, Netns, str, str]]:
+    with netns("bisp") as isp, netns("bofc") as office:
+        isp_if, wan = unique("bi"), unique("bw")
+        veth(isp, isp_if, office, wan)
+        isp.ip("addr", "add", f"{ISP}/24", "dev", isp_if)
+        office.ip("addr", "add", f"{OFFICE}/24", "dev", wan)
+        isp.run("sysctl", "-qw", f"net.ipv4.conf.{isp_if}.ignore_routes_with_linkdown=1")
+        office.run("sysctl", "-qw", f"net.ipv4.conf.{wan}.ignore_routes_with_linkdown=1")
+        office.ip("link", "set", wan, "up")
+        isp.ip("link", "set", isp_if, "up")
+        yield isp, office, isp_if, wan
+
+
+def write_config(tmp: Path, wan: str, fmt: str = "json") -> Path:
+    config = tmp / "etrnd.yaml"
+    config.write_text(
+        f"watch: {{interfaces: [{wan}], up_when: carrier, settle: 0s, min_interval: 0s}}\n"
+        f"relays:\n  - {{name: isp, host: {ISP}, port: {PORT}, tls: none, timeout: 5s,\n"
+        "      helo: office.example.test, etrn: ['@example.test']}\n"
+        "retry: {first_delay: 1s, max_delay: 1s, give_up_after: 5s}\n"
+        f"control: {{socket: {tmp / 'control.sock'}}}\n"
+        f"log: {{level: warning, format: {fmt}}}\n")
+    return config
+
+
+class KernelStamps:
+    """Stamps each RTM_NEWLINK that says the WAN is up, on a raw socket of its own (in a
+    Python thread, so the stamp can be late by a GIL switch and the column is approximate): tells
+    the kernel's share (the link-up request itself takes ~1 ms here) from the contender's."""
+
+    def __init__(self, index: int) -> None:
+        self.stamps: list[float] = []
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+        self._sock.bind((0, 1))  # RTMGRP_LINK
+        self._index = index
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._sock.recv(1 << 16)
+            now = time.monotonic()
+            # nlmsghdr (16 bytes), then ifinfomsg: family, pad, type, index, flags, change.
+            index, flags = struct.unpack_from("iI", data, 16 + 4)
+            if index == self._index and flags & 0x1 and flags & 0x10000:  # IFF_UP, LOWER_UP
+                self.stamps.append(now)
+
+    def first_after(self, t0: float) -> float:
+        return min(t for t in self.stamps if t >= t0)
+
+
+def flap(ipr: IPRoute, index: int, server: subprocess.Popen[str], flaps: int,
+         kernel: KernelStamps) -> tuple[list[float], list[float]]:
+    """Per flap: WAN down, WAN up (stamped), wait for the ETRN at the server.
+
+    Returns latencies from the up request and from the kernel's link-up event, in ms.
+    """
+    latencies, from_event = [], []
+    for _ in range(flaps):
+        ipr.link("set", index=index, state="down")
+        time.sleep(0.15)  # let the contender see the down and finish any session
+        while read_line(server, 0) is not None:
+            pass
+        t0 = time.monotonic()
+        ipr.link("set", index=index, state="up")
+        line = read_line(server, 5.0)
+        if line is None:
+            raise RuntimeError("no ETRN within 5 s of link-up")
+        received = float(line.split()[-1])
+        latencies.append((received - t0) * 1000)
+        from_event.append((received - kernel.first_after(t0)) * 1000)
+        time.sleep(0.1)
+    return latencies, from_event
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def report(name: str, values: list[float]) -> str:
+    return (f"{name:<28} n={len(values):<3} median {statistics.median(values):8.2f} ms  "
+            f"p99 {pct(values, 99):8.2f} ms  min {min(values):7.2f}  max {max(values):8.2f}")
+
+
+def ready_time(office: Netns, config: Path, tmp: Path, runs: int) -> list[float]:
+    """Seconds from spawning `etrnd run` to its READY=1 datagram."""
+    times = []
+    for i in range(runs):
+        path = tmp / f"notify{i}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.settimeout(10)
+        t0 = time.monotonic()
+        proc = subprocess.Popen(office.cmd(sys.executable, "-m", "etrnd", "run", "-c",
+                                           str(config)), env={**os.environ,
+                                                              "NOTIFY_SOCKET": str(path)},
+                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        times.append(time.monotonic() - t0)
+        proc.terminate()
+        proc.wait(5)
+        sock.close()
+    return times
+
+
+def proc_stats(pid: int) -> tuple[int, int]:
+    """(VmRSS kB, context switches of all threads): every switch is a wake-up or preemption."""
+    rss = switches = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1])
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if "ctxt_switches" in line:
+                switches += int(line.split()[1])
+    return rss, switches
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flaps", type=int, default=50)
+    parser.add_argument("--idle", type=float, default=60.0, help="idle measurement, seconds")
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {}
+    with lab() as (isp, office, _, wan), tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        config = write_config(tmp, wan)
+        server = isp.popen(sys.executable, "-m", "etrnd.demo", "--serve", f"{ISP}:{PORT}",
+                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert read_line(server, 10) == "READY"
+        enter(office)
+        ipr = IPRoute()
+        index = ipr.link_lookup(ifname=wan)[0]
+        kernel = KernelStamps(index)
+        contenders = {
+            "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config)],
+            "dispatcher + etrnd send": [
+                sys.executable, "-c", WATCHER, wan, sys.executable, "-m", "etrnd", "send",
+                "-c", str(config)],
+            "dispatcher + smtplib": [
+                sys.executable, "-c", WATCHER, wan, sys.executable, "-S", "-c", ONESHOT,
+                ISP, str(PORT)],
+        }
+        for name, cmd in contenders.items():
+            with ExitStack() as stack:
+                proc = office.popen(*cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, cwd=ROOT)
+                stack.callback(proc.terminate)
+                if name != "etrnd run":
+                    assert read_line(proc, 10) == "READY"  # type: ignore[arg-type]
+                else:
+                    # The start-up round (link already up) tells us it is watching.
+                    if read_line(server, 10) is None:
+                        raise RuntimeError("etrnd did not send its start-up ETRN")
+                results[name], from_event = flap(ipr, index, server, args.flaps, kernel)
+                print(report(name, results[name]), flush=True)
+                print(report("  from the kernel's event", from_event), flush=True)
+
+        ready = ready_time(office, config, tmp, 10)
+        print(f"start -> READY=1: median {statistics.median(ready) * 1000:.0f} ms, "
+              f"max {max(ready) * 1000:.0f} ms over {len(ready)} starts", flush=True)
+
+        if args.idle > 0:
+            proc = office.popen(sys.executable, "-m", "etrnd", "run", "-c", str(config),
+                                stderr=subprocess.DEVNULL, cwd=ROOT)
+            read_line(server, 10)
+            time.sleep(1.0)
+            # `ip netns exec` execs python in place, so the Popen PID is the daemon's.
+            rss0, sw0 = proc_stats(proc.pid)
+            time.sleep(args.idle)
+            rss1, sw1 = proc_stats(proc.pid)
+            proc.terminate()
+            proc.wait(5)
+            print(f"idle {args.idle:g} s: RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, "
+                  f"{sw1 - sw0} context switches ({(sw1 - sw0) / args.idle:.2f}/s)", flush=True)
+        ipr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
