@@ -14,7 +14,9 @@ need=()
 command -v ip >/dev/null || need+=(iproute2)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v script >/dev/null || need+=(bsdutils)
+command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq
