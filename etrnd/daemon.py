@@ -59,17 +59,18 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         log.info("daemon_start", version=__version__, pid=os.getpid(), config=str(self.path))
+        # Before anything slow: a SIGTERM during start-up must still end in a clean exit 0.
+        for sig, handler in (
+            (signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+            (signal.SIGHUP, self.request_reload),
+            (signal.SIGUSR1, lambda: self.trigger(None, "SIGUSR1")),
+        ):
+            loop.add_signal_handler(sig, handler)
         self._control = ControlServer(self.config.control.socket, self.handle_request)
         await self._control.start()
         try:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
-            for sig, handler in (
-                (signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
-                (signal.SIGHUP, self.request_reload),
-                (signal.SIGUSR1, lambda: self.trigger(None, "SIGUSR1")),
-            ):
-                loop.add_signal_handler(sig, handler)
             watch = self._spawn(self._follow_link(self._watcher))
             self._spawn(self._watchdog())
             self._restart_repeat()
@@ -160,6 +161,7 @@ class Daemon:
                 log.info("round_busy", relay=relay.label, reason=reason)
                 continue
             started.append(relay.label)
+            self._wake.setdefault(relay.label, asyncio.Event()).clear()
             self._tasks[relay.label] = asyncio.create_task(
                 self._round(relay, reason), name=f"etrnd-round-{relay.label}")
         if started:
@@ -169,8 +171,7 @@ class Daemon:
 
     async def _round(self, relay: Relay, reason: str) -> None:
         status = self._status.setdefault(relay.label, RelayStatus(relay.label))
-        wake = self._wake.setdefault(relay.label, asyncio.Event())
-        wake.clear()
+        wake = self._wake[relay.label]
 
         async def sleep(delay: float) -> None:
             # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
@@ -332,12 +333,12 @@ def run_command(path: str | None) -> int:
     except ControlError as exc:
         log.error("daemon_fatal", reason=str(exc))
         print(f"etrnd: {exc}", file=sys.stderr)
-    except OSError as exc:
-        log.error("daemon_fatal", reason=f"netlink: {exc.strerror or exc}")
-        print(f"etrnd: cannot watch the network (netlink): {exc.strerror or exc}",
-              file=sys.stderr)
     except KeyboardInterrupt:
         return 0
+    except Exception as exc:  # netlink refused (a sandbox), out of memory, ...: one clear line
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        log.error("daemon_fatal", reason=reason, error=type(exc).__name__)
+        print(f"etrnd: cannot run: {reason}", file=sys.stderr)
     return 1
 
 
