@@ -27,9 +27,7 @@ STOP_GRACE = 0.7
 
 
 def _iso(wall: float | None) -> str | None:
-    if wall is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+    return None if wall is None else logs.iso(wall)
 
 
 class Daemon:

@@ -107,11 +107,13 @@ def pick_format(fmt: str, stream: TextIO) -> str:
     return "console" if stream.isatty() else "json"
 
 
+def iso(wall: float) -> str:
+    """UTC ISO 8601 with milliseconds, as in every log line and in `etrnd status`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
 def _timestamp(_: Any, __: str, event_dict: EventDict) -> EventDict:
-    now = time.time()
-    event_dict["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + (
-        f".{int(now % 1 * 1000):03d}Z"
-    )
+    event_dict["timestamp"] = iso(time.time())
     return event_dict
 
 
