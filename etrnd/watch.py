@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from etrnd.config import ConfigError, Watch, load_config, parse_duration
 from etrnd.debounce import Debouncer
 from etrnd.linkstate import LinkState, Snapshot, Verdict
-from etrnd.logs import configure, get_logger
+from etrnd.logs import configure, get_logger, iso
 from etrnd.netlink import DEFAULT_RCVBUF, NetlinkSource
 
 log = get_logger()
@@ -194,8 +194,7 @@ def _quote(text: str) -> str:
 
 
 def _line(event: str, mono: float, **fields: object) -> str:
-    now = time.time()
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    ts = iso(time.time())
     rest = " ".join(f"{k}={_quote(str(v))}" for k, v in fields.items() if v is not None)
     return f"ts={ts} mono={mono:.6f} event={event} {rest}"
 
