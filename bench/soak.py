@@ -42,8 +42,23 @@ def _daemon(config: str, task_file: str) -> int:
     cfg = load_config(config)
     logs.configure(cfg.log.level, cfg.log.format)
 
+    trace = os.environ.get("ETRND_SOAK_TRACEMALLOC") == "1"
+    first: list[Any] = []
+    if trace:
+        import tracemalloc
+        tracemalloc.start(8)
+
     async def main() -> int:
         def dump() -> None:
+            if trace:  # where the memory grew since the first dump, for leak hunting
+                snap = tracemalloc.take_snapshot()
+                if first:
+                    top = snap.compare_to(first[0], "traceback")[:8]
+                    Path(task_file + ".malloc").write_text(
+                        "\n\n".join(f"{d.size_diff} B, {d.count_diff} blocks\n"
+                                      + "\n".join(d.traceback.format()) for d in top))
+                else:
+                    first.append(snap)
             Path(task_file).write_text(str(len(asyncio.all_tasks())))
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump)
         return await Daemon(Path(config), cfg).run()
