@@ -280,6 +280,8 @@ class Daemon:
                      "watching": list(self.config.watch.interfaces) or ["*"],
                      "up_when": self.config.watch.up_when},
             "rounds_started": self.rounds_started, "last_round": _iso(self.last_round),
+            # Soak tests watch this: it must not grow over thousands of link flaps.
+            "tasks": len(asyncio.all_tasks()),
             "relays": [self._relay_status(r) for r in self.config.relays],
         }
 

@@ -133,6 +133,7 @@ def test_status_json_and_trigger_cut_backoff_short(wan: Wan, server_451: ScriptS
         daemon.wait_event("etrn_retry")
         status = daemon.status()
         assert status["link"]["up"] is True
+        assert 0 < status["tasks"] < 20  # watcher, control, rounds: a handful, not a leak
         assert wan.wan in status["link"]["why"]
         (relay,) = status["relays"]
         assert relay["name"] == "isp"

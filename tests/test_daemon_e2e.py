@@ -72,14 +72,13 @@ def test_flapping_at_10_hz_starts_few_rounds_and_still_delivers(queued: IspOffic
     config = daemon_config(env, tmp_path,
                            f"up_when: carrier, settle: 0s, min_interval: {min_interval}s")
     with running(config, tmp_path / "log", env.office) as daemon:
+        flaps = 30
         start = time.monotonic()
-        flaps = 0
-        while time.monotonic() - start < 3.0:  # 10 Hz: up 50 ms, down 50 ms
+        for _ in range(flaps):  # 10 Hz: up 50 ms, down 50 ms (slower on a loaded machine)
             env.set_office_link(True)
             time.sleep(0.05)
             env.set_office_link(False)
             time.sleep(0.05)
-            flaps += 1
         env.set_office_link(True)
         flapped = time.monotonic() - start
         daemon.wait_event("link_up", count=flaps + 1)
@@ -88,4 +87,3 @@ def test_flapping_at_10_hz_starts_few_rounds_and_still_delivers(queued: IspOffic
         # One round at the first up, then at most one per min_interval, plus the final up's.
         allowed = int(flapped / min_interval) + 2
         assert 1 <= len(rounds) <= allowed, (len(rounds), allowed)
-        assert flaps >= 25
