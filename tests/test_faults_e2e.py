@@ -215,8 +215,10 @@ def test_enobufs_storm_still_ends_in_the_right_state(rig: Rig, tmp_path: Path) -
             return bool(lines) and "event=round" in lines[-1]
 
         wait_until(settled_up, 10, "the watcher's last decision to be a round after the up")
-        wait_until(lambda: out.read_text().count("netlink_resynced") >= 2, 10,
-                   "at least two overflows, each followed by a full re-read")
+        # How many storms overflow the socket depends on scheduling (a re-read can swallow
+        # the next storm); what matters is that overflows happened and the state is right.
+        wait_until(lambda: "netlink_resynced" in out.read_text(), 10,
+                   "an overflow followed by a full re-read")
         assert "Traceback" not in out.read_text()
     finally:
         watch.terminate()
