@@ -42,7 +42,7 @@ from pyroute2 import IPRoute
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.nettools import Netns, netns, unique, veth  # noqa: E402
+from tests.nettools import Netns, linked  # noqa: E402
 
 ISP, OFFICE, PORT = "198.51.100.1", "198.51.100.2", 25
 CLONE_NEWNET = 0x40000000
@@ -101,11 +101,8 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str | None:
 
 @contextmanager
 def lab() -> Iterator[tuple[Netns, Netns, str, str]]:
-    with netns("bisp") as isp, netns("bofc") as office:
-        isp_if, wan = unique("bi"), unique("bw")
-        veth(isp, isp_if, office, wan)
-        isp.ip("addr", "add", f"{ISP}/24", "dev", isp_if)
-        office.ip("addr", "add", f"{OFFICE}/24", "dev", wan)
+    with linked("b", ISP, OFFICE) as pair:
+        isp, office, isp_if, wan = pair.isp, pair.office, pair.isp_if, pair.office_if
         isp.run("sysctl", "-qw", f"net.ipv4.conf.{isp_if}.ignore_routes_with_linkdown=1")
         office.run("sysctl", "-qw", f"net.ipv4.conf.{wan}.ignore_routes_with_linkdown=1")
         office.ip("link", "set", wan, "up")

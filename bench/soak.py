@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from etrnd.control import ControlError, request  # noqa: E402
-from tests.nettools import netns, unique, veth  # noqa: E402
+from tests.nettools import linked  # noqa: E402
 
 ISP_ADDR, OFFICE_ADDR = "198.51.100.1", "198.51.100.2"
 # Events that mean a bug, not a bad server.
@@ -104,11 +104,8 @@ def soak(cycles: int, max_seconds: float, seed: int, workdir: Path,
     workdir.mkdir(parents=True, exist_ok=True)
     sock, config = workdir / "control.sock", workdir / "etrnd.yaml"
     task_file, log_path = workdir / "tasks", workdir / "daemon.log"
-    with netns("sisp") as isp, netns("sofc") as office:
-        isp_if, office_if = unique("si"), unique("so")
-        veth(isp, isp_if, office, office_if)
-        isp.ip("addr", "add", f"{ISP_ADDR}/24", "dev", isp_if)
-        office.ip("addr", "add", f"{OFFICE_ADDR}/24", "dev", office_if)
+    with linked("s", ISP_ADDR, OFFICE_ADDR) as pair:
+        isp, office, isp_if, office_if = pair.isp, pair.office, pair.isp_if, pair.office_if
         isp.ip("link", "set", isp_if, "up")
         adversary = isp.popen(sys.executable, "-m", "tests.adversary", "--listen",
                               f"{ISP_ADDR}:25", "--mode", "random", "--seed", str(seed),

@@ -70,3 +70,28 @@ def veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@dataclass
+class Linked:
+    """Two namespaces joined by a veth pair: the ISP side and the office side (the WAN)."""
+
+    isp: Netns
+    office: Netns
+    isp_if: str
+    office_if: str
+
+
+@contextlib.contextmanager
+def linked(prefix: str = "e", isp_addr: str | None = None, office_addr: str | None = None,
+           prefix_len: int = 24) -> Iterator[Linked]:
+    """Both namespaces, the veth pair between them and (optionally) an address at each end;
+    links are left down, since when each comes up is what the caller is testing."""
+    with netns(f"{prefix}isp") as isp, netns(f"{prefix}ofc") as office:
+        pair = Linked(isp, office, unique(f"{prefix}i"), unique(f"{prefix}o"))
+        veth(isp, pair.isp_if, office, pair.office_if)
+        if isp_addr is not None:
+            isp.ip("addr", "add", f"{isp_addr}/{prefix_len}", "dev", pair.isp_if)
+        if office_addr is not None:
+            office.ip("addr", "add", f"{office_addr}/{prefix_len}", "dev", pair.office_if)
+        yield pair

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.nettools import Netns, netns, sh, unique, veth
+from tests.nettools import Netns, linked, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 ISP_ADDR = "198.51.100.1"
@@ -239,11 +239,8 @@ def isp_and_office(root: Path, domain: str = "example.test", *,
     With `office_link_up=False` the office end of the link starts down: the ISP then cannot
     deliver (its connect fails at once) until set_office_link(True).
     """
-    with netns("eisp") as isp, netns("eofc") as office:
-        isp_if, office_if = unique("ei"), unique("eo")
-        veth(isp, isp_if, office, office_if)
-        isp.ip("addr", "add", f"{ISP_ADDR}/{PREFIX_LEN}", "dev", isp_if)
-        office.ip("addr", "add", f"{OFFICE_ADDR}/{PREFIX_LEN}", "dev", office_if)
+    with linked("e", ISP_ADDR, OFFICE_ADDR, PREFIX_LEN) as pair:
+        isp, office, isp_if, office_if = pair.isp, pair.office, pair.isp_if, pair.office_if
         # Without this a connect over a link without carrier waits ~3 s for ARP.
         isp.run("sysctl", "-qw", f"net.ipv4.conf.{isp_if}.ignore_routes_with_linkdown=1")
         # Lets the receiver listen while its link is still down.

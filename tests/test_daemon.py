@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemonproc import Daemon, ScriptServer, running, wait_for
-from tests.nettools import Netns, netns, unique, veth
+from tests.nettools import Netns, linked
 from tests.test_logging import parse_journal
 
 pytestmark = pytest.mark.root
@@ -36,12 +36,9 @@ class Wan:
 
 @pytest.fixture
 def wan() -> Iterator[Wan]:
-    with netns("edo") as office, netns("edp") as peer:
-        w = Wan(office, peer, unique("wan"), unique("wp"))
-        veth(office, w.wan, peer, w.peer_if)
-        office.ip("addr", "add", "198.51.100.2/24", "dev", w.wan)
-        peer.ip("addr", "add", "198.51.100.1/24", "dev", w.peer_if)
-        office.ip("link", "set", w.wan, "up")
+    with linked("ed", "198.51.100.1", "198.51.100.2") as pair:
+        w = Wan(pair.office, pair.isp, pair.office_if, pair.isp_if)
+        w.office.ip("link", "set", w.wan, "up")
         yield w
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemonproc import ROOT, ScriptServer, wait_for
-from tests.nettools import netns, unique, veth
+from tests.nettools import linked
 from tests.test_daemon import PORT, Wan, write_config
 
 pytestmark = pytest.mark.root
@@ -32,9 +32,9 @@ def shared_dir() -> Iterator[Path]:
 
 def test_runs_as_nobody_without_capabilities(shared_dir: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    with netns("eun") as office, netns("eup") as peer:
-        wan = Wan(office, peer, unique("wan"), unique("wp"))
-        veth(office, wan.wan, peer, wan.peer_if)
+    with linked("eu") as pair:
+        office = pair.office
+        wan = Wan(office, pair.isp, pair.office_if, pair.isp_if)
         office.ip("link", "set", wan.wan, "up")
         server = ScriptServer(office, PORT, "250")
         run_dir = shared_dir / "run"
