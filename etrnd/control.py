@@ -209,34 +209,7 @@ def status_command(config_path: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(reply, indent=2, sort_keys=True))
     else:
-        print(format_status(reply))
+        from etrnd.status import render
+
+        print(render(reply))
     return 0
-
-
-def format_status(status: dict[str, Any]) -> str:
-    link = status.get("link", {})
-    lines = [
-        f"etrnd {status.get('version', '?')} pid {status.get('pid', '?')}, "
-        f"running since {status.get('started', '?')}",
-        f"link: {'UP' if link.get('up') else 'DOWN'} since {link.get('since') or '-'}"
-        f" ({link.get('why') or 'no details'})",
-        f"rounds started: {status.get('rounds_started', 0)}, "
-        f"last {status.get('last_round') or '-'}",
-    ]
-    for relay in status.get("relays", []):
-        nxt = relay.get("next_try")
-        lines.append(
-            f"relay {relay.get('name')}: {relay.get('state', '?')}"
-            f", attempts {relay.get('attempts', 0)}"
-            + (f", next try {nxt}" if nxt else "")
-            + (f", host {relay['host']}" if relay.get("host") else "")
-        )
-        for arg in relay.get("args", []):
-            code = arg.get("code")
-            lines.append(
-                f"  {arg.get('arg')}: {arg.get('outcome', '?')}"
-                + (f" {code} {arg.get('text', '')}".rstrip() if code is not None else "")
-                + (f" at {arg['when']}" if arg.get("when") else "")
-                + f" (attempts {arg.get('attempts', 0)})"
-            )
-    return "\n".join(lines)

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from etrnd import __version__, logs
+from etrnd import status as status_doc
 from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.control import ControlError, ControlServer
 from etrnd.logs import get_logger
-from etrnd.rounds import ArgStatus, RelayStatus, run_round
+from etrnd.rounds import RelayStatus, run_round
 from etrnd.sdnotify import Notifier
 from etrnd.watch import Decision, LinkWatcher
 
@@ -24,10 +25,6 @@ log = get_logger()
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
-
-
-def _iso(wall: float | None) -> str | None:
-    return None if wall is None else logs.iso(wall)
 
 
 class Daemon:
@@ -272,49 +269,18 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         watcher = self._watcher
-        return {
-            "version": __version__, "pid": os.getpid(), "started": _iso(self.started),
-            "config": str(self.path),
-            "link": {"up": bool(watcher and watcher.up), "why": watcher.why if watcher else "",
-                     "since": _iso(self.link_since),
-                     "watching": list(self.config.watch.interfaces) or ["*"],
-                     "up_when": self.config.watch.up_when},
-            "rounds_started": self.rounds_started, "last_round": _iso(self.last_round),
-            # Soak tests watch this: it must not grow over thousands of link flaps.
-            "tasks": len(asyncio.all_tasks()),
-            "relays": [self._relay_status(r) for r in self.config.relays],
-        }
-
-    def _relay_status(self, relay: Relay) -> dict[str, Any]:
-        st = self._status.get(relay.label)
-        running = relay.label in self._tasks
-        state = ("waiting" if st and st.next_try else "running") if running else "idle"
-        args = list(st.args.values()) if st else [ArgStatus(a) for a in relay.etrn]
-        return {
-            "name": relay.label, "hosts": list(relay.all_hosts), "state": state,
-            "round_start": _iso(st.round_start if st else None),
-            "attempts": st.attempts if st else 0,
-            "next_try": _iso(st.next_try if st else None), "host": st.host if st else None,
-            "args": [{**a.as_dict(), "outcome": str(a.outcome) if st else "never-sent",
-                      "when": _iso(a.when)} for a in args],
-        }
+        return status_doc.build(status_doc.DaemonView(
+            path=self.path, config=self.config, started=self.started,
+            link_up=bool(watcher and watcher.up), link_why=watcher.why if watcher else "",
+            link_since=self.link_since, rounds_started=self.rounds_started,
+            last_round=self.last_round, tasks=len(asyncio.all_tasks()),
+            statuses=self._status, running=self._tasks.keys()))
 
     def summary(self) -> str:
         """The one-line STATUS= that `systemctl status etrnd` shows."""
         watcher = self._watcher
-        link = "link up" if watcher and watcher.up else "link down"
-        parts = []
-        for relay in self.config.relays:
-            st = self._status.get(relay.label)
-            if relay.label in self._tasks:
-                parts.append(f"{relay.label}: retrying" if st and st.next_try
-                             else f"{relay.label}: sending")
-            elif st and st.args:
-                ok = sum(1 for a in st.args.values() if str(a.outcome) == "accepted")
-                parts.append(f"{relay.label}: {ok}/{len(st.args)} accepted")
-            else:
-                parts.append(f"{relay.label}: idle")
-        return f"{link}; " + ", ".join(parts)
+        return status_doc.summary(bool(watcher and watcher.up), self.config.relays, self._status,
+                                  self._tasks.keys())
 
     def _publish(self) -> None:
         self.notifier.status(self.summary())
