@@ -7,12 +7,12 @@ import functools
 import os
 import ssl
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
 
+from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_etrn_argument, default_helo
 from etrnd.logs import get_logger
 from etrnd.replies import (
@@ -31,29 +31,6 @@ QUIT_TIMEOUT = 2.0
 CANCEL_QUIT_TIMEOUT = 0.5  # after a cancel (link down, Ctrl-C) the caller is waiting on us
 # AUTH PLAIN first: one round trip, and we only ever AUTH under TLS (or by explicit consent).
 _AUTH_PREFERENCE = ("plain", "login")
-
-OnHost = Callable[[str], None]
-OnReply = Callable[[str, Verdict], None]
-
-
-def _ignore_host(_: str) -> None:
-    return None
-
-
-def _ignore_reply(_: str, __: Verdict) -> None:
-    return None
-
-
-@dataclass
-class AttemptResult:
-    """What one attempt (sessions over the relay's hosts) learned."""
-
-    replies: dict[str, Verdict] = field(default_factory=dict)  # per argument, this attempt
-    # Why the attempt ended early: the last transient failure after every host was tried, or
-    # the 500/502 reply or AUTH refusal that ends the relay's round. None: all answered.
-    stop: Verdict | None = None
-    host: str | None = None  # the host that was tried last
-
 
 class _Refused(Exception):
     """Internal: a session step failed in a way that is already a Verdict."""
@@ -158,7 +135,7 @@ async def _goodbye(smtp: SMTP, step_timeout: float) -> None:
 
 
 async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[str, Verdict],
-                  *, attempt: int = 1, on_reply: OnReply = _ignore_reply) -> Verdict | None:
+                  *, attempt: int = 1, on_reply: OnReply = ignore_reply) -> Verdict | None:
     """One SMTP session to `host` sending ETRN for `args` (at most MAX_ETRN_PER_SESSION).
 
     Each answer is stored in `replies` as it arrives. Returns None when every argument was
@@ -239,8 +216,8 @@ async def _etrn(smtp: SMTP, arg: str, attempt: int, log: Any) -> Verdict:
 
 
 async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
-                  on_host: OnHost = _ignore_host,
-                  on_reply: OnReply = _ignore_reply) -> AttemptResult:
+                  on_host: OnHost = ignore_host,
+                  on_reply: OnReply = ignore_reply) -> AttemptResult:
     """Send ETRN for `args` to the relay: hosts in order, a new session every few arguments.
 
     Connect, TLS, time-out and protocol failures move on to the next host with the arguments

@@ -8,9 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
-from etrnd import etrn
+from etrnd.attempt import AttemptResult, Messages, SendAttempt, attempt_for
 from etrnd.config import Relay, Retry
 from etrnd.logs import get_logger
 from etrnd.replies import Outcome, Verdict
@@ -54,11 +54,13 @@ class RelayStatus:
     next_try: float | None = None  # wall clock of the next retry, None when none is scheduled
     host: str | None = None  # the host being (or last) tried
     args: dict[str, ArgStatus] = field(default_factory=dict)
+    messages: Messages = field(default_factory=Messages)  # this round, over all attempts
 
     def as_dict(self) -> dict[str, Any]:
         return {"relay": self.relay, "running": self.running, "round_start": self.round_start,
                 "attempts": self.attempts, "next_try": self.next_try, "host": self.host,
-                "args": [a.as_dict() for a in self.args.values()]}
+                "args": [a.as_dict() for a in self.args.values()],
+                "messages": self.messages.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -68,16 +70,11 @@ class RoundResult:
     refused: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()  # gave up (deadline) or could not be tried
     attempts: int = 0
+    messages: Messages = field(default_factory=Messages)  # ODMR only
 
     @property
     def ok(self) -> bool:
-        return not self.refused and not self.failed
-
-
-class SendAttempt(Protocol):
-    def __call__(self, relay: Relay, args: Sequence[str], *, attempt: int,
-                 on_host: etrn.OnHost, on_reply: etrn.OnReply) -> Awaitable[etrn.AttemptResult]:
-        ...
+        return not self.refused and not self.failed and not self.messages.refused
 
 
 Sleep = Callable[[float], Awaitable[Any]]
@@ -101,20 +98,23 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
                     status: RelayStatus | None = None, *, sleep: Sleep = asyncio.sleep,
                     clock: Clock = time.monotonic, wall: Clock = time.time,
                     rng: Clock = random.random,
-                    send: SendAttempt = etrn.attempt) -> RoundResult:
+                    send: SendAttempt | None = None) -> RoundResult:
     """Send ETRN for `args` (default: the relay's `etrn:`) until each is answered for good.
 
-    Accepted and permanently refused arguments are not sent again in this round; transient
-    failures are retried per `retry`. Cancelling the task stops at once (sessions close
+    `send` defaults to the relay's protocol (ETRN or ODMR: see attempt.attempt_for). Accepted
+    and permanently refused arguments are not sent again in this round; transient failures
+    are retried per `retry`. Cancelling the task stops at once (sessions close
     cleanly) and leaves `status` saying what was known.
     """
     wanted = tuple(dict.fromkeys(args if args is not None else relay.etrn))
+    send = send if send is not None else attempt_for(relay)
     status = status if status is not None else RelayStatus(relay.label)
     log = get_logger().bind(relay=relay.label)
     policy = Backoff.from_config(retry)
     started = clock()
     status.running, status.round_start, status.attempts = True, wall(), 0
     status.next_try, status.host = None, None
+    status.messages = Messages()
     status.args = {a: ArgStatus(a) for a in wanted}
     todo = list(wanted)
 
@@ -133,6 +133,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
                 status.args[arg].attempts += 1
             result = await send(relay, todo, attempt=status.attempts, on_host=on_host,
                                 on_reply=on_reply)
+            status.messages.add(result.messages)
             todo, reason = _settle(status, todo, result, wall())
             if not todo:
                 break
@@ -156,7 +157,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
     return _finish(status, log)
 
 
-def _settle(status: RelayStatus, todo: list[str], result: etrn.AttemptResult,
+def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,
             now: float) -> tuple[list[str], str]:
     """Apply one attempt's replies; returns the arguments still to retry and why."""
     stop = result.stop
@@ -174,7 +175,7 @@ def _settle(status: RelayStatus, todo: list[str], result: etrn.AttemptResult,
                                else f"{arg}: {verdict.code} {verdict.text}")
             continue
         if stop is None:
-            continue  # cannot happen with etrn.attempt; never retry forever on a fake
+            continue  # a real attempt always says why; never retry forever on a fake
         if ends_relay:
             # 500/502 or a refused AUTH end the round for the relay:
             # the arguments not yet answered are refused with the reason that stopped us.
@@ -196,7 +197,7 @@ def _finish(status: RelayStatus, log: Any) -> RoundResult:
         relay=status.relay, accepted=tuple(by[ArgOutcome.ACCEPTED]),
         refused=tuple(by[ArgOutcome.REFUSED]),
         failed=tuple(by[ArgOutcome.GIVEN_UP] + by[ArgOutcome.FAILED] + by[ArgOutcome.PENDING]),
-        attempts=status.attempts,
+        attempts=status.attempts, messages=status.messages,
     )
     level = log.info if result.ok else log.warning
     level("round_done", accepted=list(result.accepted), refused=list(result.refused),
