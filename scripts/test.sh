@@ -17,6 +17,8 @@ command -v script >/dev/null || need+=(bsdutils)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v setpriv >/dev/null || need+=(util-linux)
+# the Debian sid root (cached) that holds the real Exim ODMR provider of the interop tests
+command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq
