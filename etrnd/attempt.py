@@ -72,6 +72,10 @@ class SendAttempt(Protocol):
 def attempt_for(relay: Relay) -> SendAttempt:
     """The one place that picks the protocol: `relay.protocol` names the session module."""
     # Imported here: the session modules import this one for its types.
+    if relay.protocol == "odmr":
+        from etrnd import odmr
+
+        return odmr.attempt
     from etrnd import etrn
 
     return etrn.attempt

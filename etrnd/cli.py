@@ -65,10 +65,12 @@ def summary(config: Config, path: Path) -> str:
     ]
     for relay in config.relays:
         auth = f", auth as {relay.auth.username}" if relay.auth else ""
+        what = (f"odmr: atrn {' '.join(relay.etrn)}, deliver to "
+                f"{relay.effective_deliver_to}" if relay.protocol == "odmr"
+                else f"etrn {' '.join(relay.etrn)}")
         lines.append(
             f"relay {relay.label}: {', '.join(relay.all_hosts)} port {relay.effective_port}, "
-            f"tls {relay.tls}{'' if relay.verify else ' (NOT verified)'}{auth}; "
-            f"etrn {' '.join(relay.etrn)}"
+            f"tls {relay.tls}{'' if relay.verify else ' (NOT verified)'}{auth}; {what}"
         )
     r = config.retry
     give_up = f"{r.give_up_after:g}s" if r.give_up_after else "never"

@@ -19,6 +19,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -177,6 +179,66 @@ def _read_password(value: object) -> Secret:
     return Secret(source=str(path), value=password)
 
 
+def check_atrn_domain(value: str) -> str:
+    """An ATRN argument (RFC 2645 section 4.2.1): a domain name, no @, # or trailing dot."""
+    _no_blank_or_control(value)
+    if value[0] in "@#":
+        raise ValueError(f"{value!r}: ATRN takes domain names; write {value[1:]!r}")
+    if not value.isascii():
+        raise ValueError(f"{value!r} is not ASCII (write an internationalised domain as xn--...)")
+    if value.endswith(".") or not _HOSTNAME.match(value) or _is_ip(value):
+        raise ValueError(f"{value!r} is not a domain name")
+    return value
+
+
+@dataclass(frozen=True)
+class DeliverTo:
+    """Where ODMR mail goes: the office MTA by SMTP or LMTP, over TCP or a unix socket."""
+
+    lmtp: bool
+    host: str | None = None  # TCP: a host name or address (no brackets)
+    port: int | None = None
+    path: str | None = None  # LMTP over a unix socket
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"lmtp:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{'lmtp:' if self.lmtp else ''}{host}:{self.port}"
+
+
+DEFAULT_DELIVER_TO = DeliverTo(lmtp=False, host="127.0.0.1", port=25)
+_HOST_PORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d{1,5}))?$")
+
+
+def parse_deliver_to(value: object) -> DeliverTo:
+    """`HOST:PORT` (SMTP, port 25 if left out), `lmtp:HOST:PORT` (port 24), `lmtp:/path`."""
+    if isinstance(value, DeliverTo):
+        return value
+    if not isinstance(value, str):
+        raise ValueError('must be "HOST:PORT", "lmtp:HOST:PORT" or "lmtp:/path/to/socket"')
+    _no_blank_or_control(value)
+    lmtp = value.lower().startswith("lmtp:")
+    rest = value[5:] if lmtp else value
+    if rest.startswith("/"):
+        if not lmtp:
+            raise ValueError(f"{value!r}: a socket path needs LMTP; write 'lmtp:{rest}'")
+        return DeliverTo(lmtp=True, path=rest)
+    match = _HOST_PORT.match(rest)
+    if match is None:
+        raise ValueError(f'{value!r} is not "HOST:PORT", "lmtp:HOST:PORT" or "lmtp:/path" '
+                         "(an IPv6 address goes in brackets: [::1]:25)")
+    host = match.group("v6") or match.group("host")
+    if match.group("v6") is not None and not _is_ip(host):
+        raise ValueError(f"{value!r}: {host!r} is not an IPv6 address")
+    _check_server(host)
+    port = int(match.group("port") or (24 if lmtp else 25))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    return DeliverTo(lmtp=lmtp, host=host, port=port)
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
 HostName = Annotated[str, AfterValidator(_check_hostname)]
@@ -184,6 +246,9 @@ ServerName = Annotated[str, AfterValidator(_check_server)]  # connect() takes no
 WireToken = Annotated[str, AfterValidator(_no_blank_or_control)]
 InterfacePattern = Annotated[str, AfterValidator(_check_ifname)]
 # Dumped as its source path so model_dump()/JSON status can never carry the password.
+DeliverTarget = Annotated[
+    DeliverTo, BeforeValidator(parse_deliver_to), PlainSerializer(str, return_type=str)
+]
 Password = Annotated[
     Secret, BeforeValidator(_read_password), PlainSerializer(lambda s: s.source, return_type=str)
 ]
@@ -221,6 +286,7 @@ def default_helo() -> str:
 
 class Relay(_Model):
     name: WireToken | None = None
+    protocol: Literal["etrn", "odmr"] = "etrn"  # odmr: RFC 2645 ATRN, mail over this session
     host: ServerName | None = None
     hosts: tuple[ServerName, ...] | None = Field(default=None, min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -229,13 +295,34 @@ class Relay(_Model):
     helo: HostName | None = None
     auth: Auth | None = None
     timeout: Duration = 30.0
-    etrn: tuple[EtrnArgument, ...] = Field(min_length=1)
+    etrn: tuple[EtrnArgument, ...] = Field(min_length=1)  # odmr: the domains for ATRN
+    deliver_to: DeliverTarget | None = None  # odmr only; default DEFAULT_DELIVER_TO
+
+    @field_validator("etrn")
+    @classmethod
+    def _check_atrn(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("protocol") == "odmr":
+            problems = []
+            for domain in value:
+                try:
+                    check_atrn_domain(domain)
+                except ValueError as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Relay:
         if (self.host is None) == (self.hosts is None):
             raise ValueError("give exactly one of host or hosts")
-        if self.auth is not None and self.tls == "none" and not self.auth.allow_plaintext:
+        if self.protocol == "etrn" and self.deliver_to is not None:
+            raise ValueError("deliver_to only applies with protocol: odmr")
+        if self.protocol == "odmr" and self.auth is None:
+            raise ValueError("protocol: odmr needs auth (RFC 2645: ATRN only after AUTH)")
+        # ODMR without TLS may still AUTH with CRAM-MD5, which never sends the password.
+        if (self.auth is not None and self.tls == "none" and not self.auth.allow_plaintext
+                and self.protocol != "odmr"):
             raise ValueError(
                 "auth with tls: none would send the password in clear; "
                 "use TLS or set auth.allow_plaintext: true"
@@ -258,7 +345,13 @@ class Relay(_Model):
     def effective_port(self) -> int:
         if self.port is not None:
             return self.port
+        if self.protocol == "odmr":
+            return 366  # RFC 2645 section 3, with or without implicit TLS
         return 465 if self.tls == "implicit" else 25
+
+    @property
+    def effective_deliver_to(self) -> DeliverTo:
+        return self.deliver_to if self.deliver_to is not None else DEFAULT_DELIVER_TO
 
 
 class Retry(_Model):

@@ -1,4 +1,4 @@
-"""`etrnd send`: one ETRN round now on all (or one) relays, without link watching."""
+"""`etrnd send`: one round now (ETRN or ODMR) on all (or one) relays, without link watching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from etrnd.cli import EXIT_CONFIG, load_or_report
-from etrnd.config import Relay, check_etrn_argument
+from etrnd.config import Relay, check_atrn_domain, check_etrn_argument
 from etrnd.logs import configure
 from etrnd.rounds import RoundResult, run_all
 
@@ -18,13 +18,28 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_status(results: Sequence[RoundResult]) -> int:
-    """0 all accepted; 4 if any argument failed after retries; else 3 if any was refused."""
+    """0 all accepted; 4 if any argument failed after retries; else 3 if any was refused.
+
+    ODMR: a message the office MTA refused (5xx) counts as a refusal; one it deferred leaves
+    its domain failed unless a retry in the same round delivered it.
+    """
     # Failures win over refusals: a script that retries on 4 then still has work to do.
     if any(r.failed for r in results):
         return EXIT_FAILED
-    if any(r.refused for r in results):
+    if any(r.refused or r.messages.refused for r in results):
         return EXIT_REFUSED
     return EXIT_OK
+
+
+def report(relay: Relay, result: RoundResult) -> str:
+    """One line per relay on stdout: what a script or an operator checks after `send`."""
+    counts = ""
+    if relay.protocol == "odmr":
+        m = result.messages
+        counts = f"{m.relayed} relayed, {m.refused} refused, {m.deferred} deferred; "
+    return (f"relay {result.relay}: {counts}accepted: {', '.join(result.accepted) or '-'}; "
+            f"refused: {', '.join(result.refused) or '-'}; "
+            f"failed: {', '.join(result.failed) or '-'}; attempts: {result.attempts}")
 
 
 def _err(message: str) -> None:
@@ -45,6 +60,8 @@ def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
     for arg in args:
         try:
             check_etrn_argument(arg)
+            if any(r.protocol == "odmr" for r in relays):
+                check_atrn_domain(arg)
         except ValueError as exc:
             _err(f"argument {arg!r}: {exc}")
             return EXIT_CONFIG
@@ -54,4 +71,6 @@ def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
+    for r, result in zip(relays, results, strict=True):
+        print(report(r, result))
     return exit_status(results)
