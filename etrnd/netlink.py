@@ -15,16 +15,19 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from etrnd import nexthops
 from etrnd.linkstate import (
     IFF_UP,
     AddrEvent,
     DefaultRoutes,
     Event,
     LinkEvent,
+    NexthopEvent,
     RouteEvent,
     Snapshot,
 )
 from etrnd.logs import get_logger
+from etrnd.nexthops import RTM_DELNEXTHOP, RTM_NEWNEXTHOP, RTMGRP_NEXTHOP, to_nexthop
 
 log = get_logger()
 
@@ -37,7 +40,9 @@ RT_TABLE_LOCAL = 255
 RTM_F_FIB_MATCH = 0x2000
 NLM_F_MULTI = 0x2
 NLM_F_DUMP_INTR = 0x10
-GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400  # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, ROUTE
+NLM_F_REPLACE = 0x100
+# LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, IPV6_ROUTE, NEXTHOP
+GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400 | RTMGRP_NEXTHOP
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
 DEFAULT_RCVBUF = 8 << 20
@@ -53,7 +58,10 @@ _rcvbuf_warned = False
 
 def bpf_program(portid: int, little_endian: bool = sys.byteorder == "little",
                 ) -> list[tuple[int, int, int, int]]:
-    """Classic BPF: pass replies to us, multipart, non-route messages and default routes only."""
+    """Classic BPF: pass replies to us, multipart, non-route messages and default routes only.
+
+    Nexthop objects (RTM_NEWNEXTHOP/RTM_DELNEXTHOP) are non-route messages: they all pass.
+    """
     # BPF loads are big-endian, so host-order u16 fields are read a byte at a time and
     # the u32 port id is compared in its byte-swapped form.
     type_lo, type_hi, flags_lo = (4, 5, 6) if little_endian else (5, 4, 7)
@@ -113,7 +121,7 @@ def to_link(msg: Any) -> LinkEvent:
     mtype, _ = _header(msg)
     return LinkEvent(index=int(msg["index"]), name=str(msg.get("ifname") or ""),
                      flags=int(msg["flags"]), operstate=str(msg.get("IFLA_OPERSTATE") or ""),
-                     deleted=mtype == RTM_DELLINK)
+                     deleted=mtype == RTM_DELLINK, linkmode=int(msg.get("IFLA_LINKMODE") or 0))
 
 
 def to_addr(msg: Any) -> AddrEvent:
@@ -129,7 +137,7 @@ def to_addr(msg: Any) -> AddrEvent:
 
 def to_route(msg: Any) -> RouteEvent | None:
     """A RouteEvent for a unicast default route, else None."""
-    mtype, _ = _header(msg)
+    mtype, flags = _header(msg)
     if msg["dst_len"] != 0 or msg["type"] != RTN_UNICAST:
         return None
     table = int(msg.get("RTA_TABLE") or msg["table"])
@@ -138,17 +146,25 @@ def to_route(msg: Any) -> RouteEvent | None:
     gateway = msg.get("RTA_GATEWAY")
     oif = msg.get("RTA_OIF")
     oifs: tuple[int, ...] = (int(oif),) if oif else ()
+    gateways: tuple[str | None, ...] = (str(gateway) if gateway else None,) if oif else ()
     for hop in msg.get("RTA_MULTIPATH") or ():
+        hop_gw = hop.get("RTA_GATEWAY")
         oifs += (int(hop["oif"]),)
-        gateway = gateway or hop.get("RTA_GATEWAY")
+        gateways += (str(hop_gw) if hop_gw else None,)
+        gateway = gateway or hop_gw
+    nhid = msg.get("RTA_NH_ID")
     return RouteEvent(family=int(msg["family"]), oifs=oifs,
                       gateway=str(gateway) if gateway else None, table=table,
                       priority=int(msg.get("RTA_PRIORITY") or 0),
-                      deleted=mtype == RTM_DELROUTE)
+                      deleted=mtype == RTM_DELROUTE, gateways=gateways,
+                      nhid=int(nhid) if nhid else None,
+                      replace=mtype == RTM_NEWROUTE and bool(flags & NLM_F_REPLACE))
 
 
-def decode(msg: Any) -> LinkEvent | AddrEvent | RouteEvent | None:
+def decode(msg: Any) -> LinkEvent | AddrEvent | RouteEvent | NexthopEvent | None:
     mtype, _ = _header(msg)
+    if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
+        return to_nexthop(msg, mtype == RTM_DELNEXTHOP)
     if mtype in (RTM_NEWLINK, RTM_DELLINK):
         return to_link(msg)
     if mtype in (RTM_NEWADDR, RTM_DELADDR):
@@ -176,6 +192,7 @@ class NetlinkSource:
     async def _open(self) -> None:
         ipr = AsyncIPRoute()
         try:
+            nexthops.register(ipr)
             await ipr.bind(groups=GROUPS)
             sock = ipr.socket
             if self._debug_rcvbuf is not None:
@@ -216,6 +233,8 @@ class NetlinkSource:
         return tuple(r for r in found if r is not None and r.deleted is False)
 
     async def _snapshot(self, reason: str) -> Snapshot:
+        # Nexthops first: the routes read next may refer to them by id only.
+        nhs = await nexthops.dump(self._ipr)
         links = tuple(to_link(m) for m in await self._dump("link"))
         addrs = tuple(to_addr(m) for m in await self._dump("addr"))
         self._names = {link.index: link.name for link in links}
@@ -225,7 +244,7 @@ class NetlinkSource:
                 for family in _PROBE:
                     routes += await self.default_routes(link.index, family)
         return Snapshot(links=links, addrs=addrs, routes=tuple(dict.fromkeys(routes)),
-                        reason=reason)
+                        reason=reason, nexthops=nhs)
 
     async def _resync(self, reason: str) -> Snapshot:
         """(Re)open, subscribe, then dump: changes during the dump queue up behind it."""

@@ -17,6 +17,7 @@ from etrnd.linkstate import (
     DefaultRoutes,
     LinkEvent,
     LinkState,
+    NexthopEvent,
     RouteEvent,
     Snapshot,
     usable_address,
@@ -189,3 +190,28 @@ def test_multipath_default_route_counts_for_each_hop() -> None:
     s.apply(snap(link(2, "wan0"), link(3, "wan1"), addr(3, "203.0.113.2"),
                  RouteEvent(V4, (2, 3), "198.51.100.1", 254, 0)))
     assert s.verdict().up
+
+
+def test_operstate_holds_back_dormant_testing_notpresent_not_unknown() -> None:
+    for state, up in [("DORMANT", False), ("TESTING", False), ("NOTPRESENT", False),
+                      ("UNKNOWN", True), ("LOWERLAYERDOWN", True), ("UP", True)]:
+        s = LinkState(["wan0"], "carrier")
+        s.apply(snap(LinkEvent(2, "wan0", UP, state)))
+        assert s.verdict().up is up, state
+    # Link mode dormant: a stale operstate right after carrier-on is not "up" either.
+    s = LinkState(["wan0"], "carrier")
+    s.apply(snap(LinkEvent(2, "wan0", UP, "LOWERLAYERDOWN", linkmode=1)))
+    assert s.verdict().why == "wan0: carrier up but dormant (link mode dormant)"
+    s.apply(LinkEvent(2, "wan0", UP, "UP", linkmode=1))
+    assert s.verdict().up
+
+
+def test_route_by_nexthop_id_follows_the_nexthop() -> None:
+    s = LinkState(["wan0"], "default-route", "ipv4")
+    s.apply(Snapshot((link(2, "wan0"), link(3, "wan1")), (addr(2, "198.51.100.2"),),
+                     (RouteEvent(V4, (), None, 254, 0, nhid=9),), "start",
+                     (NexthopEvent(5, 3, "203.0.113.1"), NexthopEvent(6, 2, "198.51.100.1"),
+                      NexthopEvent(9, group=(5, 6)))))
+    assert s.verdict().why == "wan0: carrier up, 198.51.100.2/24, default via 198.51.100.1"
+    s.apply(NexthopEvent(6, deleted=True))
+    assert not s.verdict().up

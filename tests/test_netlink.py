@@ -123,6 +123,8 @@ def nlmsg(mtype: int, flags: int = 0, pid: int = 0, dst_len: int = 0) -> bytes:
     (nlmsg(RTM_NEWLINK), True),
     (nlmsg(20), True),
     (nlmsg(RTM_NEWROUTE + 256, dst_len=32), True),
+    (nlmsg(104, dst_len=32), True),  # RTM_NEWNEXTHOP: nhmsg's 2nd byte is a scope, not dst_len
+    (nlmsg(105, dst_len=200), True),  # RTM_DELNEXTHOP
 ])
 def test_bpf_filter(msg: bytes, passes: bool) -> None:
     assert (run_bpf(bpf_program(4242, little_endian=True), msg) != 0) is passes
