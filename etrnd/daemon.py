@@ -12,28 +12,35 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from etrnd import __version__, logs
+from etrnd import __version__, etrn, logs, offloop
 from etrnd import status as status_doc
 from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.control import ControlError, ControlServer
 from etrnd.logs import get_logger
 from etrnd.rounds import RelayStatus, run_round
 from etrnd.sdnotify import Notifier
+from etrnd.stall import Stall, StallDetector
 from etrnd.watch import Decision, LinkWatcher
 
 log = get_logger()
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
+# Reading the config (and the secrets it names) at reload runs off the loop; a file system
+# that hangs (a dead NFS server) fails the reload after this long, keeping the old config.
+RELOAD_READ_TIMEOUT = 10.0
 
 
 class Daemon:
     """Owns the watcher, one round task per relay at most, and the outside interfaces."""
 
-    def __init__(self, path: Path, config: Config, notifier: Notifier | None = None) -> None:
+    def __init__(self, path: Path, config: Config, notifier: Notifier | None = None,
+                 stalls: StallDetector | None = None) -> None:
         self.path = path
         self.config = config
         self.notifier = notifier or Notifier()
+        self.stalls = stalls or StallDetector(sample=False)
+        self.stalls.on_stall = self.on_stall
         self.started = time.time()
         self.rounds_started = 0
         self.last_round: float | None = None
@@ -61,6 +68,8 @@ class Daemon:
             (signal.SIGUSR1, lambda: self.trigger(None, "SIGUSR1")),
         ):
             loop.add_signal_handler(sig, handler)
+        loop.set_default_executor(offloop.ThreadPerCall())
+        self._warm_up()
         self._control = ControlServer(self.config.control.socket, self.handle_request)
         await self._control.start()
         try:
@@ -79,7 +88,24 @@ class Daemon:
         finally:
             await self._shutdown()
 
+    def _warm_up(self) -> None:
+        """Start the slow lookups now, off the loop, so that no link-up ever waits on them:
+        the machine's FQDN (EHLO without `helo:`) and the trust stores TLS relays need."""
+        if any(r.helo is None for r in self.config.relays):
+            self._spawn(self._resolve_helo())
+        for verify in {r.verify for r in self.config.relays if r.tls != "none"}:
+            self._spawn(self._load_trust(verify))
+
+    async def _resolve_helo(self) -> None:
+        await etrn.resolve_helo()
+
+    async def _load_trust(self, verify: bool) -> None:
+        with contextlib.suppress(Exception):  # a session that needs it will try and say why
+            await etrn.tls_context_off_loop(verify)
+
     async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE
         self.notifier.stopping()
         log.info("daemon_stop")
         rounds = [*self._tasks.values(), *self._closing]
@@ -92,7 +118,13 @@ class Daemon:
             await self._watcher.close()
         if self._control is not None:
             await self._control.close()
+        # STOPPING=1 to a supervisor that is not reading: try until the grace period is over.
+        await self.notifier.drain(max(0.05, deadline - loop.time()))
         self.notifier.close()
+
+    def on_stall(self, stall: Stall) -> None:
+        log.warning("event_loop_stalled", duration_ms=round(stall.duration * 1000, 1),
+                    threshold_ms=round(self.stalls.threshold * 1000), where=stall.where or None)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -122,10 +154,14 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         if interval is None:
             return
+        seen = self.stalls.stalls
         while True:
-            # Only a live loop runs this; only a live netlink reader earns the ping.
-            if self._watcher is not None and self._watcher.healthy():
+            # Only a live loop runs this; only a live netlink reader earns the ping, and not
+            # right after a stall: the late wake-up must not vouch for the blocked period.
+            if (self._watcher is not None and self._watcher.healthy()
+                    and self.stalls.stalls == seen):
                 self.notifier.watchdog()
+            seen = self.stalls.stalls
             await asyncio.sleep(interval)
 
     def _restart_repeat(self) -> None:
@@ -218,7 +254,12 @@ class Daemon:
             self._reload_again = False
             self.notifier.reloading(time.monotonic_ns() // 1000)
             try:
-                new = await asyncio.to_thread(load_config, self.path)
+                new = await offloop.bounded(RELOAD_READ_TIMEOUT, load_config, self.path)
+            except TimeoutError:
+                log.error("config_reload_failed", config=str(self.path),
+                          problems=[f"reading the configuration took over "
+                                    f"{RELOAD_READ_TIMEOUT:g}s"],
+                          kept="previous configuration")
             except ConfigError as exc:
                 log.error("config_reload_failed", config=str(self.path), problems=exc.problems,
                           kept="previous configuration")
@@ -242,7 +283,7 @@ class Daemon:
                 await self._control.close()
             self._control = server
         if new.log != old.log:
-            logs.configure(new.log.level, new.log.format)
+            logs.configure(new.log.level, new.log.format, background=True)
         kept = {r.label: r for r in new.relays}
         changed = {r.label for r in old.relays if kept.get(r.label) != r}
         self.cancel_rounds("config_reloaded", only=changed)
@@ -269,12 +310,17 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         watcher = self._watcher
-        return status_doc.build(status_doc.DaemonView(
+        doc = status_doc.build(status_doc.DaemonView(
             path=self.path, config=self.config, started=self.started,
             link_up=bool(watcher and watcher.up), link_why=watcher.why if watcher else "",
             link_since=self.link_since, rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys()))
+        # The stall detector's view: steps of the loop longer than threshold_ms.
+        doc["loop"] = {"stalls": self.stalls.stalls,
+                       "threshold_ms": round(self.stalls.threshold * 1000),
+                       "longest_step_ms": round(self.stalls.longest * 1000, 1)}
+        return doc
 
     def summary(self) -> str:
         """The one-line STATUS= that `systemctl status etrnd` shows."""
@@ -292,10 +338,12 @@ def run_command(path: str | None) -> int:
     config = load_or_report(path)
     if config is None:
         return 2
-    logs.configure(config.log.level, config.log.format)
-    daemon = Daemon(resolve_path(path), config)
+    logs.configure(config.log.level, config.log.format, background=True)
+    stalls = StallDetector()
+    daemon = Daemon(resolve_path(path), config, stalls=stalls)
     try:
-        return asyncio.run(daemon.run())
+        with asyncio.Runner(loop_factory=stalls.new_event_loop) as runner:
+            return runner.run(daemon.run())
     except ControlError as exc:
         log.error("daemon_fatal", reason=str(exc))
         print(f"etrnd: {exc}", file=sys.stderr)

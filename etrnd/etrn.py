@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
+import socket
 import ssl
 import time
 from collections.abc import Sequence
@@ -12,6 +12,7 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
 
+from etrnd import offloop
 from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_etrn_argument, default_helo
 from etrnd.logs import get_logger
@@ -40,25 +41,63 @@ class _Refused(Exception):
         self.verdict = verdict
 
 
-@functools.cache
+# The FQDN lookup asks the name server (getfqdn: gethostbyaddr), which a dead or black-holed
+# resolver stretches to 10 s; it runs once at start, off the loop, within this bound.
+HELO_LOOKUP_TIMEOUT = 2.0
+# Loading the system trust store reads files (a slow disk, NFS): off the loop, bounded.
+TRUST_STORE_TIMEOUT = 10.0
+_helo: list[str] = []
+_contexts: dict[tuple[bool, str | None, str | None], ssl.SSLContext] = {}
+
+
 def helo_name() -> str:
-    """The machine's FQDN, looked up once (not while the link is just coming up)."""
-    return default_helo()
+    """The FQDN once resolve_helo() found it; until then, or when the lookup failed or hung,
+    the kernel's host name (no I/O): a session never waits on a name server."""
+    return _helo[0] if _helo else default_helo(socket.gethostname())
+
+
+async def resolve_helo(limit: float = HELO_LOOKUP_TIMEOUT) -> str:
+    """Look the machine's FQDN up off the loop, at most `limit` seconds; returns the name
+    sessions will use from now on (the host name if the lookup failed or timed out)."""
+    started = time.monotonic()
+    try:
+        name = await offloop.bounded(limit, default_helo)
+        source = "fqdn"
+    except (TimeoutError, OSError):
+        name, source = default_helo(socket.gethostname()), "hostname"
+    _helo[:] = [name]
+    get_logger().info("helo_name", name=name, source=source,
+                      elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+    return name
+
+
+def _trust_key(verify: bool) -> tuple[bool, str | None, str | None]:
+    return verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
 
 
 def tls_context(verify: bool) -> ssl.SSLContext:
-    """A client context; honours SSL_CERT_FILE / SSL_CERT_DIR like the rest of OpenSSL."""
-    return _tls_context(verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    """A client context; honours SSL_CERT_FILE / SSL_CERT_DIR like the rest of OpenSSL.
 
-
-@functools.cache
-def _tls_context(verify: bool, _cafile: str | None, _capath: str | None) -> ssl.SSLContext:
-    # Cached per trust setting: loading the system store costs more than a loopback session.
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
+    Blocking (reads the trust store the first time): on the loop use tls_context_off_loop.
+    """
+    key = _trust_key(verify)
+    context = _contexts.get(key)
+    if context is None:
+        # Cached per trust setting: loading the system store costs more than a session.
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        _contexts[key] = context
     return context
+
+
+async def tls_context_off_loop(verify: bool) -> ssl.SSLContext:
+    """tls_context() without blocking the loop; TimeoutError after TRUST_STORE_TIMEOUT s."""
+    context = _contexts.get(_trust_key(verify))
+    if context is not None:
+        return context
+    return await offloop.bounded(TRUST_STORE_TIMEOUT, tls_context, verify)
 
 
 def _describe(exc: BaseException) -> Verdict:
@@ -146,10 +185,13 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
     smtp = SMTP(
         hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
         timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
-        tls_context=None if relay.tls == "none" else tls_context(relay.verify),
     )
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     try:
+        if relay.tls != "none":
+            smtp.tls_context = await tls_context_off_loop(relay.verify)
+        # aiosmtplib resolves `host` with the loop's getaddrinfo (in the executor) under
+        # `timeout`: a hung name server costs this session its timeout, not the loop.
         await smtp.connect()
         tls = await _secure(smtp, relay, host, log)
         log.info("etrn_session", port=relay.effective_port, tls=tls, attempt=attempt)
@@ -245,4 +287,4 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
 
 
 __all__ = ["MAX_ETRN_PER_SESSION", "AttemptResult", "OnHost", "OnReply", "attempt",
-           "helo_name", "session", "tls_context"]
+           "helo_name", "resolve_helo", "session", "tls_context", "tls_context_off_loop"]

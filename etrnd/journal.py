@@ -53,30 +53,61 @@ def encode(event_dict: dict[str, Any], message: str) -> bytes:
 
 
 class JournalSender:
-    """Sends to journald; large events go through a sealed memfd as journald expects."""
+    """Sends to journald; large events go through a sealed memfd as journald expects.
+
+    Never blocks: when journald does not keep up (its socket queue is full) the event is
+    dropped and counted, and the next event that gets through is preceded by a
+    `log_events_dropped count=N` event, so the loss itself is in the journal.
+    """
 
     def __init__(self, path: str | None = None) -> None:
         # ETRND_JOURNAL_SOCKET lets tests capture exactly what journald would receive.
         self._path = path or os.environ.get("ETRND_JOURNAL_SOCKET") or DEFAULT_SOCKET
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock = socket.socket(socket.AF_UNIX,
+                                   socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.dropped = 0  # events given up since the last one that got through
+        self.dropped_total = 0
 
     def send(self, event_dict: dict[str, Any], message: str) -> None:
-        data = encode(event_dict, message)
+        if self.dropped:
+            count = self.dropped
+            notice = {"event": "log_events_dropped", "level": "warning", "count": str(count),
+                      "reason": "journald socket full"}
+            if not self._send(encode(notice, f"log_events_dropped count={count} "
+                                             "reason=\"journald socket full\"")):
+                self._drop()
+                return
+            self.dropped = 0
+        if not self._send(encode(event_dict, message)):
+            self._drop()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self.dropped_total += 1
+
+    def _send(self, data: bytes) -> bool:
+        """False only when journald has no room (the event should be counted as lost)."""
         try:
             self._sock.sendto(data, self._path)
+        except BlockingIOError:
+            return False
         except OSError as exc:
             if exc.errno not in (90, 105):  # EMSGSIZE, ENOBUFS: too big for a datagram
-                return  # logging must never take the daemon down
-            self._send_memfd(data)
+                return True  # no journald at all: logging must never take the daemon down
+            return self._send_memfd(data)
+        return True
 
-    def _send_memfd(self, data: bytes) -> None:
+    def _send_memfd(self, data: bytes) -> bool:
         fd = os.memfd_create("etrnd-journal", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 2))
         try:
             os.write(fd, data)
             rights = array.array("i", [fd])
             self._sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)], 0,
                                self._path)
+        except BlockingIOError:
+            return False
         except OSError:
             pass
         finally:
             os.close(fd)
+        return True

@@ -8,11 +8,12 @@ import os
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
 from etrnd import journal
+from etrnd.linewriter import LineWriter
 
 Level = str
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -117,9 +118,32 @@ def _timestamp(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+_writers: dict[int, LineWriter] = {}
+
+
+def _background(out: TextIO, fmt: str) -> LineWriter:
+    """The one thread-backed writer for `out`, its drop notice in the format `fmt`."""
+    render = _LineRenderer(fmt)
+
+    def notice(count: int) -> str:
+        return render(None, "", {"timestamp": iso(time.time()), "level": "warning",
+                                 "event": "log_events_dropped", "count": count,
+                                 "reason": "log stream not read fast enough"})
+
+    writer = _writers.get(id(out))
+    if writer is None or writer.stream is not out:
+        writer = _writers[id(out)] = LineWriter(out, notice)
+    writer.notice = notice
+    return writer
+
+
 def configure(level: Level = "info", fmt: str = "auto", stream: TextIO | None = None,
-              journal_socket: str | None = None) -> str:
-    """Set up structlog for the whole process; returns the format actually chosen."""
+              journal_socket: str | None = None, background: bool = False) -> str:
+    """Set up structlog for the whole process; returns the format actually chosen.
+
+    `background`: lines are written by a thread (the daemon: its loop must never wait on a
+    pipe that is read slowly); without it, writes are synchronous (one-shot commands).
+    """
     out = stream if stream is not None else sys.stderr
     chosen = pick_format(fmt, out)
     processors: list[Any] = [
@@ -134,7 +158,9 @@ def configure(level: Level = "info", fmt: str = "auto", stream: TextIO | None = 
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(
+            cast(TextIO, _background(out, chosen)) if background and chosen != "journal"
+            else out),
         cache_logger_on_first_use=False,
     )
     return chosen

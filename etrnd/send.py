@@ -7,8 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from etrnd.cli import EXIT_CONFIG, load_or_report
-from etrnd.config import Relay, check_atrn_domain, check_etrn_argument
+from etrnd.config import Relay, Retry, check_atrn_domain, check_etrn_argument
+from etrnd.etrn import resolve_helo
 from etrnd.logs import configure
+from etrnd.offloop import ThreadPerCall
 from etrnd.rounds import RoundResult, run_all
 
 EXIT_OK = 0
@@ -46,6 +48,15 @@ def _err(message: str) -> None:
     print(f"etrnd: {message}", file=sys.stderr)
 
 
+async def _send(relays: Sequence[Relay], retry: Retry,
+                args: tuple[str, ...] | None) -> list[RoundResult]:
+    # A lookup hung on a dead name server must not hold up the exit (see offloop).
+    asyncio.get_running_loop().set_default_executor(ThreadPerCall())
+    if any(r.helo is None for r in relays):
+        await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name
+    return await run_all(relays, retry, args)
+
+
 def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
     config = load_or_report(path)
     if config is None:
@@ -67,7 +78,7 @@ def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
             return EXIT_CONFIG
     configure(config.log.level, config.log.format)
     try:
-        results = asyncio.run(run_all(relays, config.retry, tuple(args) or None))
+        results = asyncio.run(_send(relays, config.retry, tuple(args) or None))
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED
