@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from pathlib import Path
 
-from etrnd.sdnotify import Notifier
+from etrnd.sdnotify import MAX_PENDING, Notifier, enqueue, kind
 
 
 def test_path_socket_messages(tmp_path: Path) -> None:
@@ -50,3 +52,67 @@ def test_absent_or_foreign_watchdog_is_off(tmp_path: Path) -> None:
     assert other_pid.watchdog_interval is None
     # A socket that has gone away must never raise into the daemon.
     Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")}).ready("x")
+
+
+def test_policy_coalesces_status_and_keeps_state_changes_in_order() -> None:
+    pending: list[tuple[str, ...]] = []
+    dropped = 0
+    for message in [("STATUS=a",), ("READY=1", "STATUS=b"), ("STATUS=c",), ("WATCHDOG=1",),
+                    ("RELOADING=1",), ("STATUS=d",), ("WATCHDOG=1",), ("STOPPING=1",)]:
+        pending, n = enqueue(pending, message)
+        dropped += n
+    assert pending == [("READY=1", "STATUS=b"), ("RELOADING=1",), ("STATUS=d",),
+                       ("WATCHDOG=1",), ("STOPPING=1",)]
+    assert dropped == 3  # STATUS=a, STATUS=c, one WATCHDOG
+    for i in range(MAX_PENDING + 5):
+        pending, _ = enqueue(pending, ("RELOADING=1", f"MONOTONIC_USEC={i}"))
+    assert len(pending) == MAX_PENDING and kind(pending[-1]) == "state"
+    assert all(kind(m) == "state" for m in pending)  # coalescible ones went first
+
+
+async def test_a_reader_that_stops_never_blocks_and_gets_the_state_changes_in_order(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    started = time.monotonic()
+    sent = 0
+    while notifier.pending == 0:  # fill the peer's queue (max_dgram_qlen) with STATUS lines
+        sent += 1
+        notifier.status(f"status {sent}")
+        assert sent < 100_000
+    notifier.ready("ready now")
+    notifier.status("latest")
+    notifier.stopping()
+    assert time.monotonic() - started < 5  # nothing waited on the reader
+    assert notifier.pending == 3  # READY, the latest STATUS, STOPPING; older STATUS coalesced
+    assert not await notifier.drain(0.1)
+
+    received: list[bytes] = []
+
+    def read() -> None:
+        server.settimeout(5)
+        while not received or received[-1] != b"STOPPING=1":
+            received.append(server.recv(4096))
+
+    reader = asyncio.get_running_loop().run_in_executor(None, read)
+    assert await notifier.drain(10)
+    await reader
+    tail = [r.decode().split("\n")[0] for r in received[-3:]]
+    assert tail == ["READY=1", "STATUS=latest", "STOPPING=1"]
+    notifier.close()
+    server.close()
+
+
+def test_abstract_socket_that_is_not_read_never_blocks() -> None:
+    name = f"etrnd-test-full-{os.getpid()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind("\0" + name)
+    notifier = Notifier({"NOTIFY_SOCKET": "@" + name})
+    for i in range(3000):  # more than any max_dgram_qlen default
+        notifier.status(f"s{i}")
+    notifier.stopping()
+    assert notifier.pending >= 1
+    notifier.close()
+    server.close()
