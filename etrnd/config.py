@@ -78,10 +78,15 @@ def _no_blank_or_control(value: str) -> str:
 
 
 def check_etrn_argument(value: str) -> str:
-    """Accept a node name, `@domain` or `#queue`; anything else never reaches the wire."""
+    """Accept a node name, `@domain` or `#queue` (RFC 1985 section 3) that a real server takes.
+
+    After the optional `@` or `#`, the name must pass the host name syntax Postfix's smtpd
+    checks (else it answers `501 Error: invalid parameter syntax` and the queue is never
+    flushed): labels of letters, digits, `_` and inner `-`, 1-63 long, no empty label (so no
+    leading, trailing or double dot), at most 255 in all, and not only digits and dots.
+    tests/test_etrn_syntax.py holds the table, checked against a real Postfix.
+    """
     _no_blank_or_control(value)
-    if len(value) > 255:
-        raise ValueError("is longer than 255 characters")
     body = value[1:] if value[0] in "@#" else value
     if not body:
         raise ValueError(f"{value!r} names nothing after {value[0]!r}")
@@ -92,7 +97,28 @@ def check_etrn_argument(value: str) -> str:
             f"{value!r} is not a node name, @domain or #queue "
             "(letters, digits, '.', '-', '_' after an optional @ or #)"
         )
+    problem = _etrn_name_problem(body)
+    if problem is not None:
+        raise ValueError(f"{value!r}: {problem}; a real server refuses it as syntax (501)")
     return value
+
+
+def _etrn_name_problem(name: str) -> str | None:
+    if len(name) > 255:
+        return "the name is longer than 255 characters"
+    if name.endswith("."):
+        return "trailing dot (write the name without it)"
+    labels = name.split(".")
+    if "" in labels:
+        return "empty label (a leading or doubled dot)"
+    for label in labels:
+        if len(label) > 63:
+            return f"label {label[:16]}... is longer than 63 characters"
+        if label.startswith("-") or label.endswith("-"):
+            return f"label {label!r} starts or ends with a hyphen"
+    if all(c.isdigit() or c == "." for c in name):
+        return "a name of only digits and dots is not a host name"
+    return None
 
 
 def _check_hostname(value: str) -> str:

@@ -72,7 +72,7 @@ def test_minimal_defaults() -> None:
         ("@example.org", True), ("example.net", True), ("#office-queue", True),
         ("@", False), ("#", False), ("@exa mple.org", False), ("@example.org\r\nQUIT", False),
         ("node\x00", False), ("\tnode", False), ("@exämple.org", False), ("a" * 300, False),
-        ("@exa;mple", False), ("@-ok.example", True),
+        ("@exa;mple", False), ("@-ok.example", False),  # Postfix: 501 (test_etrn_syntax)
     ],
 )
 def test_etrn_arguments(arg: str, ok: bool) -> None:
