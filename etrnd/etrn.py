@@ -24,6 +24,7 @@ from etrnd.replies import (
     failure,
     invalid_argument,
 )
+from etrnd.transcript import TranscriptSMTP
 
 # Sendmail tarpits a session from its 8th ETRN; 5 keeps well clear and still batches.
 MAX_ETRN_PER_SESSION = 5
@@ -31,7 +32,8 @@ MAX_ETRN_PER_SESSION = 5
 QUIT_TIMEOUT = 2.0
 CANCEL_QUIT_TIMEOUT = 0.5  # after a cancel (link down, Ctrl-C) the caller is waiting on us
 # AUTH PLAIN first: one round trip, and we only ever AUTH under TLS (or by explicit consent).
-_AUTH_PREFERENCE = ("plain", "login")
+# CRAM-MD5 last: some providers offer nothing else (RFC 2645 requires it of ODMR servers).
+_AUTH_PREFERENCE = ("plain", "login", "cram-md5")
 
 class _Refused(Exception):
     """Internal: a session step failed in a way that is already a Verdict."""
@@ -152,7 +154,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
                                f"server offers no usable AUTH mechanism "
                                f"({', '.join(smtp.server_auth_methods) or 'none'})"))
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
-    method = getattr(smtp, f"auth_{offered[0]}")
+    method = getattr(smtp, "auth_" + offered[0].replace("-", ""))
     try:
         await method(auth.username, auth.password_file.value)
     except SMTPAuthenticationError as exc:
@@ -182,9 +184,10 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
     cancel the session is closed (QUIT with a short timeout) before it propagates.
     """
     log = get_logger().bind(relay=relay.label, host=host)
-    smtp = SMTP(
+    smtp = TranscriptSMTP(  # an aiosmtplib.SMTP; at log level debug it logs each line
         hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
         timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
+        transcript_log=log,
     )
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     try:
