@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate the config and summarise it")
     send = sub.add_parser("send", parents=[common], help="one ETRN round now, no link watching")
     send.add_argument("--relay", metavar="NAME", help="only this relay")
+    send.add_argument("-v", "--debug", action="store_true",
+                      help="log at debug level for this run: the SMTP dialogue, AUTH redacted")
     send.add_argument("args", nargs="*", metavar="ARG",
                       help="ETRN arguments to send instead of the configured ones")
     trigger = sub.add_parser("trigger", parents=[common], help="ask the daemon for a round now")
@@ -101,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "send":
             from etrnd.send import send_command
 
-            return send_command(path, args.relay, list(args.args))
+            return send_command(path, args.relay, list(args.args), debug=args.debug)
         if args.command == "run":
             from etrnd.daemon import run_command
 

@@ -57,7 +57,8 @@ async def _send(relays: Sequence[Relay], retry: Retry,
     return await run_all(relays, retry, args)
 
 
-def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
+def send_command(path: str | None, relay: str | None, args: list[str],
+                 debug: bool = False) -> int:
     config = load_or_report(path)
     if config is None:
         return EXIT_CONFIG
@@ -76,7 +77,7 @@ def send_command(path: str | None, relay: str | None, args: list[str]) -> int:
         except ValueError as exc:
             _err(f"argument {arg!r}: {exc}")
             return EXIT_CONFIG
-    configure(config.log.level, config.log.format)
+    configure("debug" if debug else config.log.level, config.log.format)
     try:
         results = asyncio.run(_send(relays, config.retry, tuple(args) or None))
     except KeyboardInterrupt:
