@@ -57,6 +57,10 @@ class LinkWatcher:
         self._source = NetlinkSource(route_iface=self._state.matches, bpf=bpf, rcvbuf=rcvbuf,
                                      debug_rcvbuf=debug_rcvbuf)
         self._verdict = Verdict(False, "not started")
+        # A down verdict has no interface of its own: link_down names the one that was up,
+        # or (down from the start) the watched names, so every link event says which.
+        self._up_iface: str | None = None
+        self._watched = ",".join(watch.interfaces) or "*"
         self._queue: asyncio.Queue[Decision | BaseException] = asyncio.Queue()
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -164,12 +168,15 @@ class LinkWatcher:
     def _emit(self, kind: DecisionKind, initial: bool = False) -> None:
         now = self._clock()
         v = self._verdict
+        if v.up:
+            self._up_iface = v.iface
+        iface = v.iface if v.up else (self._up_iface or self._watched)
         if kind != "round":
-            log.info("link_up" if kind == "up" else "link_down", iface=v.iface, why=v.why,
+            log.info("link_up" if kind == "up" else "link_down", iface=iface, why=v.why,
                      initial=initial)
             self._debounce.link(kind == "up", now)
             self._schedule()
-        self._queue.put_nowait(Decision(kind, v.why, v.iface, now, initial))
+        self._queue.put_nowait(Decision(kind, v.why, iface, now, initial))
 
     def _schedule(self) -> None:
         if self._timer is not None:

@@ -165,6 +165,9 @@ def test_link_down_stops_attempts_until_next_up(wan: Wan, server_451: ScriptServ
         wait_for(lambda: len(server_451.etrns()) >= 3, 10, "a few retries while up")
         wan.carrier(False)
         daemon.wait_event("round_cancelled", where=lambda e: e.get("reason") == "link_down")
+        # The event names the interface that went down, and why.
+        [down] = daemon.events("link_down")
+        assert (down["iface"], down["why"]) == (wan.wan, f"{wan.wan}: no carrier")
         seen = len(server_451.etrns())
         # An absence can only be observed over time: 8 backoff periods with no attempt.
         time.sleep(1.6)
@@ -172,6 +175,15 @@ def test_link_down_stops_attempts_until_next_up(wan: Wan, server_451: ScriptServ
         wan.carrier(True)
         wait_for(lambda: len(server_451.etrns()) > seen, 5, "attempts after the next up")
         assert len(daemon.events("round_start")) == 2
+
+
+def test_link_down_at_start_names_the_watched_interface(wan: Wan, tmp_path: Path) -> None:
+    wan.carrier(False)
+    config = write_config(tmp_path / "etrnd.yaml", wan.wan)
+    with running(config, tmp_path / "log", wan.office) as daemon:
+        down = daemon.wait_event("link_down")
+    assert (down["iface"], down["why"], down["initial"]) == (wan.wan, f"{wan.wan}: no carrier",
+                                                             True)
 
 
 def test_sd_notify_ready_status_watchdog_reload_stopping(wan: Wan, tmp_path: Path) -> None:
@@ -263,4 +275,9 @@ def test_journal_fields_from_the_running_daemon(wan: Wan, tmp_path: Path) -> Non
     assert reply["PRIORITY"] == "6"
     assert reply["ETRN_ARG"] == "@example.test"
     assert reply["MESSAGE"].startswith("etrn_reply relay=isp ")
+    # level: debug puts the dialogue in the journal too, at PRIORITY 7 (journalctl -p debug).
+    lines = {(f["EVENT"], f["PRIORITY"], f["RELAY"], f["LINE"], f["TLS"]) for f in fields
+             if f["EVENT"] in ("smtp_send", "smtp_recv")}
+    assert ("smtp_send", "7", "isp", "ETRN @example.test", "none") in lines
+    assert ("smtp_recv", "7", "isp", "250 Queuing started", "none") in lines
     assert log.read_text() == ""  # nothing went to stderr instead
