@@ -74,10 +74,10 @@ async def test_tls_auth_session_transcript(tmp_path: Path, ca: trustme.CA,
         config = write_config(tmp_path, spec.port, "json")
         quiet = await send(config, env=ca_env)
         run = await send(config, "-v", env=ca_env)
-    assert quiet.rc == 0 and run.rc == 0, run.err
-    assert spec.logins == [True, True] and len(spec.etrn) == 2
+        console = await send(write_config(tmp_path, spec.port, "console"), "-v", env=ca_env)
+    assert quiet.rc == 0 and run.rc == 0 and console.rc == 0, run.err
+    assert spec.logins == [True] * 3 and len(spec.etrn) == 3
     assert dialogue(quiet.events) == []  # level info: no transcript
-    print("\n".join(dialogue(run.events)))
     assert dialogue(run.events) == [
         "< 220 isp.test ESMTP",
         "> EHLO office.test",
@@ -107,7 +107,16 @@ async def test_tls_auth_session_transcript(tmp_path: Path, ca: trustme.CA,
     assert {e["relay"] for e in lines} == {"isp"} and {e["host"] for e in lines} == {"127.0.0.1"}
     tls = [e["tls"] for e in lines]
     assert tls[:10] == ["none"] * 10 and set(tls[10:]) == {"TLSv1.3"}
-    assert_no_password(run.out + run.err, spec)
+    assert_no_password(run.out + run.err + console.err, spec)
+    # The README quotes this very run, as the console shows it.
+    quoted = README.read_text().split("$ etrnd send -v\n", 1)[1].split("```", 1)[0]
+    assert normalise(quoted) == normalise(console.err)
+
+
+def normalise(console: str) -> list[str]:
+    """Console lines without what changes from run to run (time, port, elapsed time)."""
+    lines = [line.split(" ", 1)[1] for line in console.splitlines() if line[:4].isdigit()]
+    return [re.sub(r"(port|elapsed_ms)=[\d.]+", r"\1=N", line) for line in lines]
 
 
 def password_forms(spec: AuthServer) -> list[str]:
