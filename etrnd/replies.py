@@ -74,6 +74,25 @@ def classify_reply(code: int, text: str) -> Verdict:
     return Verdict(Outcome.TRANSIENT, code, text, error="ProtocolError")
 
 
+def classify_atrn(code: int, text: str) -> Verdict:
+    """The ODMR rows of the reply table, for the reply to ATRN (RFC 2645 section 4.2.1).
+
+    250 turns the line around and 453 means no mail waiting: both answer the domains. 450
+    (refused), 530/535 (authentication) and 502 (not supported) are permanent for the relay;
+    451 and other 4xx are transient; another 5xx (501, 503) refuses these domains.
+    """
+    text = clean_text(text)
+    if code in (250, 453):
+        return Verdict(Outcome.ACCEPTED, code, text)
+    if code in (450, 500, 502, 530, 535):
+        return Verdict(Outcome.REFUSED_RELAY, code, text)
+    if 400 <= code <= 499:
+        return Verdict(Outcome.TRANSIENT, code, text)
+    if 500 <= code <= 599:
+        return Verdict(Outcome.REFUSED_ARG, code, text)
+    return Verdict(Outcome.TRANSIENT, code, text, error="ProtocolError")
+
+
 def classify_auth(code: int, text: str) -> Verdict:
     """AUTH refused: 5xx (wrong credentials) will not heal by retrying; 4xx may."""
     text = clean_text(text)

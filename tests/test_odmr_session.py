@@ -1,0 +1,266 @@
+"""The ODMR session (RFC 2645) against a scripted provider and an aiosmtpd office MTA."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from etrnd import odmr
+from etrnd.config import Relay, Retry, parse_yaml
+from etrnd.replies import Outcome
+from etrnd.rounds import ArgOutcome, RelayStatus, run_round
+from tests.odmr_provider import PASSWORD, USER, Message, Office, Provider, serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_text(tmp_path: Path, port: int, office: str, *, domains: tuple[str, ...] = (
+        "example.test",), timeout: str = "2s", plaintext: bool = True,
+        give_up: str = "5s") -> str:
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    return (
+        "relays:\n  - name: isp\n    host: 127.0.0.1\n    protocol: odmr\n"
+        f"    port: {port}\n    tls: none\n    helo: office.test\n    timeout: {timeout}\n"
+        f"    auth: {{username: {USER}, password_file: {pw}, "
+        f"allow_plaintext: {'true' if plaintext else 'false'}}}\n"
+        f"    etrn: {json.dumps(list(domains))}\n    deliver_to: {json.dumps(office)}\n"
+        f"retry: {{first_delay: 0.05s, max_delay: 0.1s, give_up_after: {give_up}}}\n"
+        "log: {level: debug, format: json}\n")
+
+
+def relay_for(tmp_path: Path, port: int, office_port: int, **kw: Any) -> tuple[Relay, Retry]:
+    office = kw.pop("office", f"127.0.0.1:{office_port}")
+    config = parse_yaml(config_text(tmp_path, port, office, **kw))
+    return config.relays[0], config.retry
+
+
+def mails(n: int, domain: str = "example.test", rcpts: int = 1) -> list[Message]:
+    return [Message(f"sender{i}@far.test", [f"u{i}.{r}@{domain}" for r in range(rcpts)])
+            for i in range(n)]
+
+
+async def no_sleep(_: float) -> None:
+    await asyncio.sleep(0)
+
+
+def test_atrn_lines_stay_within_512_octets() -> None:
+    domains = [f"{'d' * 50}{i}.example.test" for i in range(40)]
+    batches = odmr.atrn_batches(domains)
+    assert [d for b in batches for d in b] == domains and len(batches) > 1
+    assert all(len(f"ATRN {','.join(b)}\r\n") <= 512 for b in batches)
+    assert odmr.atrn_batches(["a.test", "b.test"]) == [["a.test", "b.test"]]
+
+
+async def test_every_message_reaches_the_office_before_the_provider_hears_250(
+        tmp_path: Path) -> None:
+    queue = mails(6) + mails(2, rcpts=3) + mails(2, "other.test")
+    provider, office = Provider(queue=list(queue)), Office()
+    async with serving(provider, office) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port)
+        with capture_logs() as events:
+            result = await odmr.attempt(relay, relay.etrn)
+    assert result.stop is None
+    assert result.replies["example.test"].outcome is Outcome.ACCEPTED
+    assert (result.messages.relayed, result.messages.refused, result.messages.deferred) == (
+        8, 0, 0)
+    assert len(office.received) == 8 and len(provider.delivered) == 8
+    assert [m.domain() for m in provider.queue] == ["other.test"] * 2  # not asked for
+    assert sum(len(e.rcpt_tos) for e in office.received) == 12
+    assert office.received[0].content.endswith(b"\r\n.leading dot\r\n")  # dot-stuffing undone
+    assert "ATRN example.test" in "\n".join(provider.log)
+    assert [ln for ln in provider.log if ln.startswith("C: AUTH")] == ["C: AUTH CRAM-MD5"]
+    done = [e for e in events if e["event"] == "odmr_done"]
+    assert [(e["relayed"], e["refused"], e["deferred"], e["ended"]) for e in done] == [
+        (8, 0, 0, "quit")]
+    per_message = [e for e in events if e["event"] == "odmr_message"]
+    assert len(per_message) == 8 and per_message[-1]["recipients"] == 3
+    assert {e["outcome"] for e in per_message} == {"relayed"}
+    assert all(e["size"] > 0 and e["sender"].endswith("@far.test") for e in per_message)
+    assert PASSWORD not in json.dumps(events, default=str)
+
+
+async def test_cram_md5_without_tls_and_nothing_in_clear(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(1))
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, plaintext=False)
+        result = await odmr.attempt(relay, relay.etrn)
+    assert result.messages.relayed == 1
+    assert [ln for ln in provider.log if ln.startswith("C: AUTH")] == ["C: AUTH CRAM-MD5"]
+
+    provider = Provider(queue=mails(1), mechanisms="PLAIN LOGIN")
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, plaintext=False)
+        result = await odmr.attempt(relay, relay.etrn)
+    assert result.stop is not None and result.stop.error == "AuthNotOffered"
+    assert not [ln for ln in provider.log if ln.startswith(("C: AUTH", "C: ATRN"))]
+
+
+@pytest.mark.parametrize(("reply", "outcome", "arg_outcome"), [
+    ("453 You have no mail", Outcome.ACCEPTED, ArgOutcome.ACCEPTED),
+    ("450 ATRN request refused", Outcome.REFUSED_RELAY, ArgOutcome.REFUSED),
+    ("502 ATRN command used when not advertised", Outcome.REFUSED_RELAY, ArgOutcome.REFUSED),
+    ("530 ATRN is not permitted without authentication", Outcome.REFUSED_RELAY,
+     ArgOutcome.REFUSED),
+])
+async def test_atrn_replies(tmp_path: Path, reply: str, outcome: Outcome,
+                            arg_outcome: ArgOutcome) -> None:
+    provider = Provider(queue=mails(2), atrn_replies=[reply])
+    async with serving(provider, Office()) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        status = RelayStatus("isp")
+        round_result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert status.args["example.test"].outcome is arg_outcome
+    assert status.args["example.test"].code == int(reply[:3])
+    assert round_result.attempts == 1 and len(provider.queue) == 2
+    assert (round_result.ok, outcome is Outcome.ACCEPTED) == (outcome is Outcome.ACCEPTED,) * 2
+
+
+async def test_wrong_password_is_permanent_and_tried_once(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(1))
+    async with serving(provider, Office()) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        relay.auth.password_file.__dict__["value"] = "wrong"  # type: ignore[union-attr]
+        status = RelayStatus("isp")
+        result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert result.refused == ("example.test",) and result.attempts == 1
+    assert status.args["example.test"].code == 535
+    assert len([ln for ln in provider.log if ln.startswith("C: AUTH")]) == 1
+
+
+async def test_451_is_retried_then_delivered(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(3), atrn_replies=["451 try later"])
+    async with serving(provider, Office()) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        status = RelayStatus("isp")
+        result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert result.ok and result.attempts == 2 and status.messages.relayed == 3
+    assert not provider.queue
+
+
+async def test_office_451_to_one_recipient_the_provider_keeps_it_totals_add_up(
+        tmp_path: Path) -> None:
+    queue = mails(5)
+    office = Office(rcpt_replies={queue[2].rcpts[0]: ["451 4.3.0 mailbox busy"]})
+    provider = Provider(queue=list(queue))  # like Exim: a 451 ends the ATRN session
+    async with serving(provider, office) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        status = RelayStatus("isp")
+        with capture_logs() as events:
+            result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert result.ok and result.attempts == 2
+    assert not provider.queue and len(office.received) == 5
+    assert sorted(e.mail_from for e in office.received) == sorted(m.sender for m in queue)
+    assert (status.messages.relayed, status.messages.deferred) == (5, 1)
+    deferred = [e for e in events if e["event"] == "odmr_message" and e["outcome"] == "deferred"]
+    assert [(d["code"], d["sender"]) for d in deferred] == [(451, queue[2].sender)]
+
+
+async def test_office_refusal_goes_back_as_5xx_and_counts_as_refused(tmp_path: Path) -> None:
+    queue = mails(3)
+    office = Office(rcpt_replies={queue[1].rcpts[0]: ["550 5.1.1 no such user"]})
+    provider = Provider(queue=list(queue))
+    async with serving(provider, office) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        result = await run_round(relay, retry, None, sleep=no_sleep)
+    assert result.accepted == ("example.test",) and not result.ok
+    assert (result.messages.relayed, result.messages.refused) == (2, 1)
+    assert provider.bounced == [queue[1]] and not provider.queue
+
+
+async def test_stall_after_turnaround_times_out_and_keeps_the_queue(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(2), after_turnaround="stall")
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, timeout="0.5s")
+        result = await asyncio.wait_for(odmr.attempt(relay, relay.etrn), 20)
+    verdict = result.replies["example.test"]
+    assert (verdict.outcome, verdict.error) == (Outcome.TRANSIENT, "TurnaroundTimeout")
+    assert len(provider.queue) == 2 and result.messages.relayed == 0
+
+
+async def test_drop_after_turnaround_keeps_what_was_accepted(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(4), after_turnaround="drop_after_first")
+    async with serving(provider, Office()) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        first = await odmr.attempt(relay, relay.etrn)
+        assert first.replies["example.test"].error == "TurnaroundDropped"
+        assert first.messages.relayed == 1 and len(provider.queue) == 3
+        provider.after_turnaround = "deliver"
+        status = RelayStatus("isp")
+        result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert result.ok and status.messages.relayed == 3 and not provider.queue
+
+
+async def test_office_down_means_451_and_nothing_lost(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(3))
+    async with serving(provider, Office()) as (port, _):
+        relay, _ = relay_for(tmp_path, port, 0, office="127.0.0.1:1")
+        result = await odmr.attempt(relay, relay.etrn)
+    assert result.replies["example.test"].outcome is Outcome.TRANSIENT
+    assert len(provider.queue) == 3 and not provider.delivered
+    assert result.messages.deferred == 1  # Exim-like: the first 451 ends the session
+
+
+async def test_lmtp_one_recipient_per_transaction(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(2, rcpts=2), stop_on_451=False, quit_with_fin=False)
+    office = Office()
+    async with serving(provider, office, lmtp=True) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port,
+                                 office=f"lmtp:127.0.0.1:{office_port}")
+        status = RelayStatus("isp")
+        result = await run_round(relay, retry, None, status, sleep=no_sleep)
+    assert result.ok and not provider.queue
+    assert sorted(r for e in office.received for r in e.rcpt_tos) == sorted(
+        r for m in mails(2, rcpts=2) for r in m.rcpts)
+
+
+async def test_cancel_during_turnaround_closes_and_keeps_the_queue(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(2), after_turnaround="stall")
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, timeout="30s")
+        task = asyncio.create_task(odmr.attempt(relay, relay.etrn))
+        await asyncio.wait_for(provider.greeted.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    assert len(provider.queue) == 2
+
+
+async def run_send(config: Path) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "etrnd", "send", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**os.environ})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None and "Traceback" not in err.decode()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_send_exit_codes_and_counts(tmp_path: Path) -> None:
+    config = tmp_path / "etrnd.yaml"
+    provider = Provider(queue=mails(3))
+    async with serving(provider, Office()) as (port, office_port):
+        config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}"))
+        rc, out, err = await run_send(config)
+        assert (rc, out.strip()) == (0, "relay isp: 3 relayed, 0 refused, 0 deferred; "
+                                        "accepted: example.test; refused: -; failed: -; "
+                                        "attempts: 1"), err
+        events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+        assert [e["relayed"] for e in events if e["event"] == "odmr_done"] == [3]
+
+        provider.atrn_replies = ["535 Incorrect authentication data"]
+        rc, out, _ = await run_send(config)
+        assert rc == 3 and "refused: example.test" in out
+
+        provider.queue, provider.after_turnaround = mails(1), "stall"
+        config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}",
+                                      timeout="0.3s", give_up="0.5s"))
+        rc, out, _ = await run_send(config)
+        assert rc == 4 and "failed: example.test" in out and len(provider.queue) == 1
