@@ -4,11 +4,16 @@
 
 Each ETRN takes the next REPLY (`451`, `250`, `hang`: never answer); when they run out,
 the last one repeats. Prints `READY` once listening, then `ETRN <arg> <code> <monotonic>`.
+With `ETRN_SERVER_AUTH=user:password` in the environment it offers AUTH PLAIN (RFC 4616)
+and prints `AUTH <user> ok|bad` for each attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import os
 import sys
 import time
 
@@ -18,6 +23,7 @@ TEXT = {250: "Queuing started", 451: "Try again later", 458: "Already processing
 
 async def main(host: str, port: int, script: list[str]) -> None:
     replies = list(script) or ["250"]
+    user, _, password = os.environ.get("ETRN_SERVER_AUTH", "").partition(":")
 
     def next_reply() -> str:
         return replies.pop(0) if len(replies) > 1 else replies[0]
@@ -29,7 +35,17 @@ async def main(host: str, port: int, script: list[str]) -> None:
                 verb, _, arg = line.decode("ascii", "replace").strip().partition(" ")
                 verb = verb.upper()
                 if verb in ("EHLO", "HELO"):
-                    writer.write(b"250-test.isp\r\n250 ETRN\r\n")
+                    offer = b"250-AUTH PLAIN\r\n" if user else b""
+                    writer.write(b"250-test.isp\r\n" + offer + b"250 ETRN\r\n")
+                elif verb == "AUTH" and user:
+                    try:
+                        _, got_user, got_pw = base64.b64decode(arg.split()[1]).split(b"\0")
+                    except (IndexError, ValueError, binascii.Error):
+                        got_user, got_pw = b"", b""
+                    ok = (got_user, got_pw) == (user.encode(), password.encode())
+                    print(f"AUTH {got_user.decode(errors='replace')} {'ok' if ok else 'bad'}",
+                          flush=True)
+                    writer.write(b"235 Authenticated\r\n" if ok else b"535 Bad credentials\r\n")
                 elif verb == "ETRN":
                     reply = next_reply()
                     print(f"ETRN {arg} {reply} {time.monotonic():.6f}", flush=True)

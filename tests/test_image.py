@@ -1,0 +1,295 @@
+"""The README's Docker commands, run for real: the image built with podman and run on a test WAN.
+
+No registry is reachable, so the Dockerfile's base image is a local stand-in made from a
+debootstrapped bookworm (tests/podman.py says what differs). The commands are read from
+README.md and translated to podman only where podman needs it (see `translate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import podman as pm
+from tests.daemonproc import wait_for
+from tests.nettools import Linked, linked
+from tests.rootfs import CACHE, _locked
+
+pytestmark = pytest.mark.root
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+ISP, OFFICE = "192.0.2.1", "192.0.2.2"
+PASSWORD = secrets.token_urlsafe(12)  # the relay's AUTH password, must reach it and no log
+
+
+def readme_block(marker: str) -> list[list[str]]:
+    """The commands of the README's ```sh block that contains `marker`, as argv lists."""
+    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
+        if marker in block:
+            text = block.replace("\\\n", " ")
+            argvs = (shlex.split(line, comments=True) for line in text.splitlines())
+            return [argv for argv in argvs if argv]
+    raise AssertionError(f"no ```sh block with {marker!r} in README.md")
+
+
+def docker_commands() -> list[list[str]]:
+    return readme_block("docker build")
+
+
+def compose_commands() -> list[list[str]]:
+    return readme_block("docker compose up")
+
+
+@dataclass
+class Env:
+    """Names and paths of one test run: unique, so runs on a shared machine never collide."""
+
+    tmp: Path
+    image: str
+    name: str = field(default_factory=lambda: f"etrnd-test-{os.getpid()}-{secrets.token_hex(3)}")
+
+    def host_path(self, path: str) -> str:
+        # The README's host files live in /etc/etrnd; ours live in the test's directory.
+        return str(self.tmp / Path(path).name) if path.startswith("/etc/etrnd/") else path
+
+
+def translate(argv: list[str], env: Env, compose: Path | None = None) -> list[str]:
+    """A README command as this test runs it. Differences, all because of podman:
+
+    `docker` -> `podman` (`docker compose` -> `podman-compose`, from PyPI); the tmpfs's
+    `uid=10001,gid=10001` -> `U` (podman 4.3 refuses uid=/gid=; `U` chowns it to the
+    image's user); `build` gains `--format docker` (else the HEALTHCHECK is dropped) and
+    an offline wheelhouse mounted for the build only; `run` gains `--read-only-tmpfs=false`
+    (podman's --read-only would add a writable /tmp, Docker's does not). The names `etrnd`
+    become this run's unique container/image names; /etc/etrnd/ files, the test's copies.
+    """
+    if argv[0] == "sudo":
+        argv = argv[1:]
+    if argv[0] != "docker":
+        return [env.host_path(a) for a in argv]
+    if argv[1] == "compose":
+        assert compose is not None
+        return [str(compose), *argv[2:]]
+    sub, rest = argv[1], argv[2:]
+    out = ["podman", sub]
+    if sub == "build":
+        out += ["--format", "docker", "--pull=never", "--layers=false"]
+    if sub == "run":
+        out.append("--read-only-tmpfs=false")
+    named = False
+    for i, arg in enumerate(rest):
+        if arg == "etrnd" and sub == "build":
+            arg = env.image
+        elif arg == "etrnd" and sub == "run":
+            arg = env.name if rest[i - 1] == "--name" else env.image
+        elif arg == "etrnd" and not named:
+            arg, named = env.name, True  # logs/exec/kill/stop NAME [COMMAND...]
+        elif arg == "." and sub == "build":
+            arg = str(ROOT)
+        elif rest[i - 1] == "--tmpfs":
+            arg = arg.replace("uid=10001,gid=10001", "U")
+        elif rest[i - 1] == "-v":
+            src, _, dst = arg.partition(":")
+            arg = f"{env.host_path(src)}:{dst}"
+        out.append(arg)
+    return out
+
+
+def wheelhouse() -> Path:
+    """Wheels of the project's dependencies and build backend, made by the host's pip.
+
+    The image build then runs offline: pip in a container cannot verify TLS to the index this
+    machine's pip uses (its CA bundle and index settings are host configuration). Cached,
+    keyed by the requirements and this interpreter.
+    """
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = sorted([*meta["build-system"]["requires"], *meta["project"]["dependencies"]])
+    key = hashlib.sha256(json.dumps([reqs, sys.version_info[:2], sys.platform]).encode())
+    path = CACHE / f"wheels-{key.hexdigest()[:12]}"
+    with _locked(CACHE / f"{path.name}.lock"):
+        if not path.is_dir():
+            tmp = path.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir",
+                                  str(tmp), *reqs], capture_output=True, text=True, timeout=600,
+                                 check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"pip wheel failed:\n{res.stderr[-3000:]}")
+            tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]]:
+    """The README's `docker build`, run with podman against the stand-in base; removed after."""
+    try:
+        pm.check_usable()
+    except pm.PodmanUnavailable as exc:
+        pytest.skip(str(exc))
+    pm.stand_in_base()
+    tmp = tmp_path_factory.mktemp("build")
+    pip_conf = tmp / "pip.conf"
+    pip_conf.write_text("[global]\nno-index = true\nfind-links = /wheelhouse\n")
+    env = Env(tmp, f"localhost/etrnd-test:{os.getpid()}-{secrets.token_hex(3)}")
+    (build,) = [c for c in docker_commands() if c[:2] == ["docker", "build"]]
+    cmd = translate(build, env)
+    # Build-only mounts (podman's `build -v`): never part of the image.
+    cmd[2:2] = ["-v", f"{wheelhouse()}:/wheelhouse:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro"]
+    started = time.monotonic()
+    try:
+        pm.podman(*cmd[1:], timeout=900)
+        yield env.image, time.monotonic() - started
+    finally:
+        pm.podman("rmi", "-f", env.image, check=False)
+
+
+class Relay:
+    """tests/etrn_server.py on port 25 in the ISP namespace, asking for AUTH PLAIN."""
+
+    def __init__(self, net: Linked) -> None:
+        env = {**os.environ, "ETRN_SERVER_AUTH": f"office:{PASSWORD}"}
+        self.proc = net.isp.popen(sys.executable, "-m", "tests.etrn_server", ISP, "25",
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_for(lambda: "READY" in self.lines, 30, "the relay to listen")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def etrns(self) -> list[str]:
+        return [line.split()[1] for line in self.lines if line.startswith("ETRN ")]
+
+
+def write_config(path: Path, etrn: list[str], iface: str) -> None:
+    # Written in place, never replaced: the container's bind mount pins the file's inode.
+    with path.open("w") as fh:
+        fh.write(json.dumps({  # JSON is YAML
+            "watch": {"interfaces": [iface], "up_when": "default-route", "settle": "0s",
+                      "min_interval": "0s"},
+            "relays": [{"name": "isp", "host": ISP, "port": 25, "tls": "none", "timeout": "10s",
+                        "auth": {"username": "office", "password_file": "/run/secrets/isp",
+                                 "allow_plaintext": True},
+                        "etrn": etrn}],
+            "retry": {"first_delay": "1s"}}))
+
+
+def prepare(tmp: Path, net: Linked) -> None:
+    write_config(tmp / "etrnd.yaml", ["@example.org"], net.office_if)
+    secret = tmp / "isp.secret"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o400)
+
+
+def wan_up(net: Linked) -> None:
+    net.isp.ip("link", "set", net.isp_if, "up")
+    net.office.ip("link", "set", net.office_if, "up")
+    net.office.ip("route", "add", "default", "via", ISP, "dev", net.office_if)
+
+
+def events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def logs(name: str) -> list[dict[str, Any]]:
+    res = pm.podman("logs", name)
+    return events(res.stdout + res.stderr)
+
+
+def wait_event(name: str, event: str, timeout: float = 30,
+               where: Any = lambda e: True) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in logs(name) if e["event"] == event and where(e)), None)
+    result: dict[str, Any] = wait_for(found, timeout, f"{event} in the container's log")
+    return result
+
+
+def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Path) -> None:
+    commands = docker_commands()
+    verbs = [" ".join(c[:2]) for c in commands]
+    assert verbs == ["docker build", "sudo chown", "docker run", "docker logs", "docker exec",
+                     "docker kill", "docker stop"], "README's Docker block changed: update me"
+    env = Env(tmp_path, image[0])
+    with linked("d", ISP, OFFICE) as net:
+        prepare(tmp_path, net)
+        relay = Relay(net)
+        ns = net.office.name
+        try:
+            # The secret belongs to the image's user, as the README says.
+            subprocess.run(translate(commands[1], env), check=True, timeout=30)
+            # Started with the WAN down: nothing to do until it comes up.
+            run = translate(commands[2], env)
+            pm.podman(*run[1:], netns=ns, timeout=120)
+            ready = wait_event(env.name, "daemon_ready")
+            assert ready["link"] == "down"
+
+            # `docker logs -f`: one JSON event a line, as they happen.
+            follow = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{ns}", *translate(commands[3], env)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=pm.env())
+            followed: list[str] = []
+            threading.Thread(target=lambda: followed.extend(follow.stdout or ()),
+                             daemon=True).start()
+            try:
+                wan_up(net)
+                wait_for(lambda: relay.etrns() == ["@example.org"], 30, "the ETRN at the ISP")
+                assert "AUTH office ok" in relay.lines  # the mounted secret reached the relay
+                done = wait_for(lambda: [e for e in events("".join(followed))
+                                         if e["event"] == "round_done"], 30,
+                                "round_done from `logs -f`")
+                assert done[0]["accepted"] == ["@example.org"]
+            finally:
+                follow.terminate()
+                follow.wait(10)
+
+            # The health check, on demand (podman's timer needs systemd on the host).
+            health = pm.podman("healthcheck", "run", env.name, netns=ns, check=False)
+            assert health.returncode == 0, health.stdout + health.stderr
+            status = pm.podman(*translate(commands[4], env)[1:], netns=ns)
+            assert "@example.org: accepted 250" in status.stdout
+
+            # Reload: the next round (asked for with `etrnd trigger`) uses the new config.
+            write_config(tmp_path / "etrnd.yaml", ["@example.org", "#office-queue"],
+                         net.office_if)
+            pm.podman(*translate(commands[5], env)[1:], netns=ns)
+            wait_event(env.name, "config_reloaded", where=lambda e: e["changed"] == ["isp"])
+            pm.podman("exec", env.name, "etrnd", "trigger", netns=ns)
+            wait_for(lambda: relay.etrns()[1:] == ["@example.org", "#office-queue"], 30,
+                     "a round with the reloaded config")
+
+            # SIGTERM (`docker stop`): exits by itself, with 0, at once.
+            started = time.monotonic()
+            pm.podman(*translate(commands[6], env)[1:], netns=ns)
+            stopped = time.monotonic() - started
+            state = json.loads(pm.podman("inspect", env.name).stdout)[0]["State"]
+            assert (state["ExitCode"], state["OOMKilled"]) == (0, False)
+            assert stopped < 2, f"docker stop took {stopped:.2f}s"
+
+            # Every line of the log is one JSON event; the password is in none of them.
+            res = pm.podman("logs", env.name)
+            lines = (res.stdout + res.stderr).splitlines()
+            assert all(line.startswith("{") and "event" in json.loads(line) for line in lines)
+            assert [e["event"] for e in events("\n".join(lines))][-1] == "daemon_stop"
+            assert PASSWORD not in "\n".join(lines)
+            assert "Traceback" not in "\n".join(lines)
+        finally:
+            pm.podman("rm", "-f", "-t", "0", env.name, check=False, netns=ns)
