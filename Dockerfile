@@ -1,21 +1,11 @@
 # syntax=docker/dockerfile:1
 # etrnd container image. Run it with the host's network namespace, or netlink sees only the
-# container's own loopback and the daemon never notices the WAN link:
-#
-#   docker build -t etrnd .
-#   docker run -d --name etrnd --network host --restart unless-stopped \
-#     --read-only --tmpfs /run/etrnd:uid=10001,gid=10001,mode=0750,size=1m \
-#     --cap-drop ALL --security-opt no-new-privileges \
-#     -v /etc/etrnd/etrnd.yaml:/etc/etrnd/etrnd.yaml:ro \
-#     -v /etc/etrnd/isp.secret:/run/secrets/isp:ro \
-#     etrnd
-#   docker exec etrnd etrnd status
-#
-# With podman/buildah, build with `--format docker`: the OCI image format has no HEALTHCHECK
-# and they drop it (with a warning).
-#
-# compose.yaml does the same. The secret file must be readable by UID 10001 (bind mounts keep
-# the host's owner and mode), and the config then says `password_file: /run/secrets/isp`.
+# container's own loopback and the daemon never notices the WAN link. README.md ("Install on a
+# gateway", Docker) has the `docker build` / `docker run` commands, tested by
+# tests/test_image.py; compose.yaml does the same. With podman/buildah, build with
+# `--format docker`: the OCI image format has no HEALTHCHECK and they drop it (with a warning).
+# The secret file must be readable by UID 10001 (bind mounts keep the host's owner and mode),
+# and the config then says `password_file: /run/secrets/isp`.
 
 # Pin the base for reproducible builds, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>

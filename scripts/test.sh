@@ -17,7 +17,13 @@ command -v script >/dev/null || need+=(bsdutils)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v setpriv >/dev/null || need+=(util-linux)
-# the Debian sid root (cached) that holds the real Exim ODMR provider of the interop tests
+# tests/test_image.py: podman builds and runs the image (with runc: see tests/podman.py), on a
+# base image made from a debootstrapped root.
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v newuidmap >/dev/null || need+=(uidmap)
+# the Debian roots (cached): sid for the real Exim ODMR provider of the interop tests,
+# bookworm for the image's stand-in base
 command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"

@@ -223,6 +223,24 @@ def wait_event(name: str, event: str, timeout: float = 30,
     return result
 
 
+def assert_locked_down(name: str, ns: str) -> None:
+    """What an operator can check of a running container: the README's restrictions hold."""
+    status = pm.podman("exec", name, "cat", "/proc/1/status", netns=ns).stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split()[:2] == ["10001", "10001"]
+    assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 0
+    assert int(fields["CapBnd"], 16) == 0  # --cap-drop ALL
+    assert fields["NoNewPrivs"].strip() == "1"
+    root = pm.podman("exec", name, "touch", "/etc/etrnd/x", netns=ns, check=False)
+    assert "Read-only file system" in root.stderr
+    mounts = pm.podman("exec", name, "cat", "/proc/mounts", netns=ns).stdout
+    assert re.search(r"^tmpfs /run/etrnd tmpfs rw,.*mode=750,uid=10001,gid=10001", mounts, re.M)
+    assert re.search(r" /run/secrets/isp \S+ ro,", mounts)
+    inspect = json.loads(pm.podman("inspect", name).stdout)[0]
+    assert inspect["HostConfig"]["NetworkMode"] == "host"
+    assert inspect["Config"]["Healthcheck"]["Test"] == ["CMD", "etrnd", "status"]
+
+
 def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Path) -> None:
     commands = docker_commands()
     verbs = [" ".join(c[:2]) for c in commands]
@@ -241,6 +259,7 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
             pm.podman(*run[1:], netns=ns, timeout=120)
             ready = wait_event(env.name, "daemon_ready")
             assert ready["link"] == "down"
+            assert_locked_down(env.name, ns)
 
             # `docker logs -f`: one JSON event a line, as they happen.
             follow = subprocess.Popen(
@@ -293,3 +312,53 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
             assert "Traceback" not in "\n".join(lines)
         finally:
             pm.podman("rm", "-f", "-t", "0", env.name, check=False, netns=ns)
+
+
+def test_readme_compose_starts_the_same_container(image: tuple[str, float],
+                                                  tmp_path: Path) -> None:
+    commands = compose_commands()
+    assert [c[:3] for c in commands] == [["docker", "compose", "up"],
+                                         ["docker", "compose", "exec"],
+                                         ["docker", "compose", "kill"],
+                                         ["docker", "compose", "down"]]
+    tool = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+    if tool is None:
+        pytest.skip("podman-compose is not installed (the [test] extra installs it from PyPI)")
+    env = Env(tmp_path, image[0])
+    text = (ROOT / "compose.yaml").read_text()
+    assert text.count("uid=10001,gid=10001") == 1
+    (tmp_path / "compose.yaml").write_text(text.replace("uid=10001,gid=10001", "U"))
+    project = env.name.replace("-", "_")
+    run_env = {**pm.env(), "ETRND_IMAGE": env.image, "COMPOSE_PROJECT_NAME": project}
+    with linked("c", ISP, OFFICE) as net:
+        prepare(tmp_path, net)
+        os.chown(tmp_path / "isp.secret", 10001, 10001)  # as compose.yaml's header says
+        relay = Relay(net)
+        wan_up(net)  # already up at start: the daemon's first look starts a round
+
+        def compose(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+            cmd = ["nsenter", f"--net=/run/netns/{net.office.name}",
+                   *translate(argv, env, Path(tool))]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                                 env=run_env, check=False)
+            assert res.returncode == 0 or not check, res.stdout + res.stderr
+            return res
+
+        try:
+            compose(commands[0])
+            names = pm.podman("ps", "-a", "--filter", f"label=io.podman.compose.project={project}",
+                              "--format", "{{.Names}}").stdout.split()
+            assert len(names) == 1, names
+            name = names[0]
+            wait_for(lambda: relay.etrns() == ["@example.org"], 30, "the ETRN at the ISP")
+            assert "AUTH office ok" in relay.lines
+            assert_locked_down(name, net.office.name)
+            assert "@example.org: accepted 250" in compose(commands[1]).stdout
+            compose(commands[2])
+            wait_event(name, "config_reloaded")
+            compose(commands[3])
+            assert pm.podman("container", "exists", name, check=False).returncode == 1
+        finally:
+            compose(commands[3], check=False)
+            pm.podman("rm", "-f", "-t", "0", f"{project}_etrnd_1", check=False)
+            pm.podman("pod", "rm", "-f", f"pod_{project}", check=False)
