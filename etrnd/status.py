@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from etrnd import __version__, logs
+from etrnd.attempt import Messages
 from etrnd.config import Config, Relay
 from etrnd.rounds import ArgStatus, RelayStatus
 
@@ -51,11 +52,16 @@ def build(view: DaemonView) -> dict[str, Any]:
 
 
 def relay_status(relay: Relay, st: RelayStatus | None, running: bool) -> dict[str, Any]:
-    """One relay's entry: state (idle/running/waiting), the round so far, each argument."""
+    """One relay's entry: state (idle/running/waiting), the round so far, each argument.
+
+    `messages` counts what came over the relay's own connection in the (last) round: ODMR's
+    relayed/refused/deferred; always zero for ETRN, whose mail arrives on its own.
+    """
     state = ("waiting" if st and st.next_try else "running") if running else "idle"
     args = list(st.args.values()) if st else [ArgStatus(a) for a in relay.etrn]
     return {
-        "name": relay.label, "hosts": list(relay.all_hosts), "state": state,
+        "name": relay.label, "protocol": relay.protocol, "hosts": list(relay.all_hosts),
+        "state": state, "messages": st.messages.as_dict() if st else Messages().as_dict(),
         "round_start": _iso(st.round_start if st else None),
         "attempts": st.attempts if st else 0,
         "next_try": _iso(st.next_try if st else None), "host": st.host if st else None,
@@ -75,7 +81,8 @@ def summary(link_up: bool, relays: Collection[Relay], statuses: Mapping[str, Rel
                          else f"{relay.label}: sending")
         elif st and st.args:
             ok = sum(1 for a in st.args.values() if str(a.outcome) == "accepted")
-            parts.append(f"{relay.label}: {ok}/{len(st.args)} accepted")
+            mail = (f", {st.messages.relayed} relayed" if relay.protocol == "odmr" else "")
+            parts.append(f"{relay.label}: {ok}/{len(st.args)} accepted{mail}")
         else:
             parts.append(f"{relay.label}: idle")
     return f"{'link up' if link_up else 'link down'}; " + ", ".join(parts)
@@ -100,6 +107,10 @@ def render(status: dict[str, Any]) -> str:
             + (f", next try {nxt}" if nxt else "")
             + (f", host {relay['host']}" if relay.get("host") else "")
         )
+        if relay.get("protocol") == "odmr":
+            m = relay.get("messages") or {}
+            lines.append(f"  messages this round: {m.get('relayed', 0)} relayed, "
+                         f"{m.get('refused', 0)} refused, {m.get('deferred', 0)} deferred")
         for arg in relay.get("args", []):
             code = arg.get("code")
             lines.append(

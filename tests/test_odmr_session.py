@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from etrnd import odmr
+from etrnd import status as status_doc
 from etrnd.config import Relay, Retry, parse_yaml
 from etrnd.replies import Outcome
 from etrnd.rounds import ArgOutcome, RelayStatus, run_round
@@ -264,3 +265,19 @@ async def test_send_exit_codes_and_counts(tmp_path: Path) -> None:
                                       timeout="0.3s", give_up="0.5s"))
         rc, out, _ = await run_send(config)
         assert rc == 4 and "failed: example.test" in out and len(provider.queue) == 1
+
+
+async def test_status_shows_the_rounds_messages(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(3))
+    async with serving(provider, Office()) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port)
+        st = RelayStatus("isp")
+        await run_round(relay, retry, None, st, sleep=no_sleep)
+    entry = status_doc.relay_status(relay, st, running=False)
+    assert (entry["protocol"], entry["messages"]) == (
+        "odmr", {"relayed": 3, "refused": 0, "deferred": 0})
+    assert entry["args"][0]["outcome"] == "accepted" and entry["args"][0]["code"] == 250
+    text = status_doc.render({"relays": [entry]})
+    assert "  messages this round: 3 relayed, 0 refused, 0 deferred" in text
+    assert status_doc.summary(True, [relay], {"isp": st}, ()) == (
+        "link up; isp: 1/1 accepted, 3 relayed")

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from etrnd.replies import Outcome, classify_auth, classify_reply, clean_text, pending_count
+from etrnd.replies import (
+    Outcome,
+    classify_atrn,
+    classify_auth,
+    classify_reply,
+    clean_text,
+    pending_count,
+)
 
 
 @pytest.mark.parametrize(
@@ -74,3 +81,15 @@ def test_classification_is_total(code: int, text: str) -> None:
     assert verdict.outcome in Outcome
     verdict.text.encode("utf-8")
     assert verdict.outcome is not Outcome.ACCEPTED or 250 <= code <= 253
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    (250, Outcome.ACCEPTED), (453, Outcome.ACCEPTED),  # turnaround / no mail waiting
+    (450, Outcome.REFUSED_RELAY), (502, Outcome.REFUSED_RELAY), (530, Outcome.REFUSED_RELAY),
+    (535, Outcome.REFUSED_RELAY), (451, Outcome.TRANSIENT), (421, Outcome.TRANSIENT),
+    (501, Outcome.REFUSED_ARG), (503, Outcome.REFUSED_ARG),
+])
+def test_atrn_reply_table(code: int, outcome: Outcome) -> None:
+    """The ODMR rows of PRODUCT.md's reply table (RFC 2645 section 4.2.1)."""
+    assert classify_atrn(code, "text").outcome is outcome
+    assert classify_atrn(354, "go ahead").error == "ProtocolError"
