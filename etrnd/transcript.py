@@ -17,9 +17,11 @@ API (for every SMTP leg: ETRN client, ODMR client and reversed server role, loca
   other side's bytes up to the lone `.` line become one event `line="<message body>"` with
   `size=` (bytes on the wire, dot-stuffing included, the final `.` line excluded).
 - `TranscriptSMTP(..., transcript_log=log)`: an `aiosmtplib.SMTP` that taps its protocol
-  from the greeting on (every command, STARTTLS, AUTH step, DATA, reply). With a logger that
-  filters out debug it is a plain `aiosmtplib.SMTP` (no tap, no cost); `transcript_log=None`
-  likewise.
+  from the greeting on (every command, STARTTLS, AUTH step, DATA, reply; a reply it cannot
+  parse is logged as received before the error propagates). Its `.transcript` is the
+  Transcript, to hand on to whatever takes over the connection (ODMR's reversed role). With a
+  logger that filters out debug it is a plain `aiosmtplib.SMTP` (no tap, no cost,
+  `.transcript` None); `transcript_log=None` likewise.
 - `tap(protocol, transcript)`: the same tap on an `aiosmtplib.protocol.SMTPProtocol` made
   elsewhere. A server-role protocol (e.g. an `aiosmtpd.smtp.SMTP` subclass taking over the
   same transport after ATRN) feeds the same `Transcript`, so the AUTH/DATA state carries on:
@@ -199,7 +201,15 @@ class _TappedProtocol(SMTPProtocol):
         self._transcript.sent(data, tls_state(self.transport))
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109
-        response = await super().read_response(timeout)
+        try:
+            response = await super().read_response(timeout)
+        except Exception:
+            # Garbage, half a reply, then a drop: exactly what the operator needs to see.
+            # The session is over (aiosmtplib closes it), so nothing is logged twice.
+            if self._buffer:
+                self._transcript.received(bytes(self._buffer).rstrip(b"\r\n") + b"\r\n",
+                                          tls_state(self.transport))
+            raise
         self._transcript.received(_reply_bytes(response), tls_state(self.transport))
         return response
 

@@ -19,10 +19,12 @@ import aiosmtplib
 import pytest
 import trustme
 
-from etrnd import logs
+from etrnd import etrn, logs
 from etrnd.transcript import BODY, MAX_LINE, Transcript, TranscriptSMTP
 from tests.authsmtp import CHALLENGE, MECHANISMS, AuthServer, serve
-from tests.test_etrn_faults import send
+from tests.fakesmtp import OK, PARTIAL, FakeSmtp
+from tests.fakesmtp import serve as serve_fake
+from tests.test_etrn_faults import relay, send
 from tests.test_logging import receive
 
 USER = "office"
@@ -268,3 +270,18 @@ async def test_client_tap_sizes_the_message_it_relays() -> None:
     quiet = TranscriptSMTP(hostname="127.0.0.1", transcript_log=logs.get_logger())
     assert quiet.transcript is None
     assert isinstance(quiet, aiosmtplib.SMTP)
+
+
+@pytest.mark.parametrize(("greeting", "etrn_reply", "seen"), [
+    ("hello, I am not SMTP", OK, "hello, I am not SMTP"),  # garbage instead of a greeting
+    ("220 fake.test ESMTP", PARTIAL, "250-Queuing"),  # half a reply, then a drop
+    ("220 fake.test ESMTP", "250 ok\x07\x1b[31m ", "250 ok??[31m"),  # control characters
+])
+async def test_what_the_server_said_is_logged_even_when_it_breaks_the_session(
+        greeting: str, etrn_reply: str, seen: str) -> None:
+    out = capture()
+    fake = FakeSmtp(greetings=[greeting], etrn_replies=[etrn_reply])
+    async with serve_fake(fake):
+        await etrn.session(relay(fake.port), "127.0.0.1", ["@a.test"], {})
+    received = [e["line"] for e in events(out) if e["event"] == "smtp_recv"]
+    assert seen in received
