@@ -9,6 +9,7 @@ from aiosmtplib import SMTP, SMTPDataError, SMTPException, SMTPResponseException
 
 from etrnd.config import DeliverTo
 from etrnd.replies import clean_text
+from etrnd.transcript import TranscriptSMTP
 
 QUIT_TIMEOUT = 2.0
 # MAIL parameters passed on when the office MTA advertises the extension (RFC 1870, 6152).
@@ -73,9 +74,10 @@ class LocalMta:
         if self._smtp is not None and self._smtp.is_connected:
             return self._smtp
         t = self.target
-        smtp = SMTP(hostname=t.host or "localhost", port=None if t.path else t.port,
-                    socket_path=t.path, local_hostname=self.helo, timeout=self.timeout,
-                    use_tls=False, start_tls=False)
+        smtp = TranscriptSMTP(hostname=t.host or "localhost", port=None if t.path else t.port,
+                              socket_path=t.path, local_hostname=self.helo,
+                              timeout=self.timeout, use_tls=False, start_tls=False,
+                              transcript_log=self.log)
         await smtp.connect()
         if t.lmtp:
             response = await smtp.execute_command(b"LHLO", self.helo.encode("ascii"))

@@ -23,6 +23,7 @@ from etrnd.replies import (
     failure,
     invalid_argument,
 )
+from etrnd.transcript import TranscriptSMTP
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512
@@ -93,7 +94,7 @@ def _after_turnaround(got: turnaround.Turnaround, elapsed_ms: float) -> Verdict:
     return Verdict(Outcome.ACCEPTED, 250, f"{counts} in {elapsed_ms:.0f} ms")
 
 
-async def _atrn(smtp: SMTP, relay: Relay, batch: list[str], result: AttemptResult,
+async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: AttemptResult,
                 log: Any, attempt: int) -> Verdict:
     """ATRN for `batch`; on 250 the roles reverse and this returns once the provider is done."""
     started = time.monotonic()
@@ -113,7 +114,8 @@ async def _atrn(smtp: SMTP, relay: Relay, batch: list[str], result: AttemptResul
     helo = relay.helo or helo_name()
     local = LocalMta(relay.effective_deliver_to, helo, relay.timeout, log.bind(leg="local"))
     got = await turnaround.receive(smtp.transport, local, hostname=helo,
-                                   idle_timeout=relay.timeout, log=log)
+                                   idle_timeout=relay.timeout, log=log,
+                                   transcript=smtp.transcript)
     result.messages.add(got.messages)
     elapsed_ms = (time.monotonic() - started) * 1000
     verdict = _after_turnaround(got, elapsed_ms)
@@ -136,10 +138,11 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
     Only CancelledError escapes, after the connection is closed.
     """
     log = get_logger().bind(relay=relay.label, host=host)
-    smtp = SMTP(
+    smtp = TranscriptSMTP(  # an aiosmtplib.SMTP; at log level debug it logs each line
         hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
         timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
         tls_context=None if relay.tls == "none" else tls_context(relay.verify),
+        transcript_log=log,
     )
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     turned = False

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
@@ -15,6 +15,7 @@ from aiosmtpd.smtp import Envelope, Session
 from etrnd.attempt import Messages
 from etrnd.localmta import LocalMta, Reply
 from etrnd.replies import clean_text
+from etrnd.transcript import Transcript, tls_state
 
 # aiosmtpd logs each session to the stdlib; etrnd's own events say what matters, once.
 logging.getLogger("mail.log").addHandler(logging.NullHandler())
@@ -160,16 +161,26 @@ class Receiver(SMTPServer):
     message on a slow link is not cut off, and is held while the office MTA works.
     """
 
-    def __init__(self, handler: Relaying, hostname: str, timeout: float) -> None:
+    def __init__(self, handler: Relaying, hostname: str, timeout: float,
+                 transcript: Transcript | None = None) -> None:
         super().__init__(handler, hostname=hostname, ident="etrnd ODMR", timeout=timeout,
                          data_size_limit=DATA_SIZE_LIMIT, loop=asyncio.get_running_loop())
         handler.server = self
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.timed_out = False
+        self.transcript = transcript  # the client leg's, so the debug dialogue reads on
 
     def data_received(self, data: bytes) -> None:
         self._reset_timeout()
+        if self.transcript is not None:
+            self.transcript.received(data, tls_state(self.transport))
         super().data_received(data)
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        if self.transcript is not None:
+            raw = status if isinstance(status, bytes) else status.encode("utf-8", "replace")
+            self.transcript.sent(raw + b"\r\n", tls_state(self.transport))
 
     def hold_timer(self, seconds: float | None) -> None:
         """Restart the idle timer: `seconds` from now, or the session's timeout (None)."""
@@ -186,7 +197,8 @@ class Receiver(SMTPServer):
 
 
 async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname: str,
-                  idle_timeout: float, log: Any) -> Turnaround:
+                  idle_timeout: float, log: Any,
+                  transcript: Transcript | None = None) -> Turnaround:
     """Greet (220) on `transport` and serve the provider until it leaves; see Turnaround.
 
     The provider may stay silent for `idle_timeout` seconds at most. Only CancelledError
@@ -194,7 +206,7 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
     """
     result = Turnaround()
     handler = Relaying(local, log, result)
-    server = Receiver(handler, hostname, idle_timeout)
+    server = Receiver(handler, hostname, idle_timeout, transcript)
     transport.set_protocol(server)
     server.connection_made(transport)
     try:

@@ -281,3 +281,25 @@ async def test_status_shows_the_rounds_messages(tmp_path: Path) -> None:
     assert "  messages this round: 3 relayed, 0 refused, 0 deferred" in text
     assert status_doc.summary(True, [relay], {"isp": st}, ()) == (
         "link up; isp: 1/1 accepted, 3 relayed")
+
+
+async def test_debug_transcript_covers_all_three_legs(tmp_path: Path) -> None:
+    config = tmp_path / "etrnd.yaml"
+    provider = Provider(queue=mails(1), mechanisms="PLAIN")
+    async with serving(provider, Office()) as (port, office_port):
+        config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "etrnd", "send", "-v", "-c", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert PASSWORD not in err.decode()
+    lines = [json.loads(x) for x in err.decode().splitlines() if x.startswith("{")]
+    said = [(e["event"], e.get("leg"), e["line"]) for e in lines
+            if e["event"] in ("smtp_send", "smtp_recv")]
+    assert ("smtp_send", None, "AUTH PLAIN <redacted>") in said
+    assert ("smtp_send", None, "ATRN example.test") in said
+    assert ("smtp_recv", None, "EHLO provider.test") in said  # the provider, reversed
+    assert ("smtp_recv", None, "<message body>") in said
+    assert ("smtp_send", "local", "DATA") in said and ("smtp_send", "local", "QUIT") in said
+    assert ("smtp_recv", None, "QUIT") in said
