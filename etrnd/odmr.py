@@ -95,8 +95,12 @@ def _after_turnaround(got: turnaround.Turnaround, elapsed_ms: float) -> Verdict:
 
 
 async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: AttemptResult,
-                log: Any, attempt: int) -> Verdict:
-    """ATRN for `batch`; on 250 the roles reverse and this returns once the provider is done."""
+                log: Any, attempt: int) -> tuple[Verdict, bool]:
+    """ATRN for `batch`; on 250 the roles reverse and this returns once the provider is done.
+
+    Returns the verdict for the batch's domains and whether the line was turned around (the
+    connection then belongs to the provider, and is closed).
+    """
     started = time.monotonic()
     response = await smtp.execute_command(b"ATRN", ",".join(batch).encode("ascii"))
     verdict = classify_atrn(response.code, response.message)
@@ -108,7 +112,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
             log.warning("odmr_reply", outcome=verdict.outcome, **fields)
         else:
             log.error("odmr_refused", outcome=verdict.outcome, **fields)
-        return verdict
+        return verdict, False
     log.info("odmr_turnaround", **fields)
     assert smtp.transport is not None
     helo = relay.helo or helo_name()
@@ -124,7 +128,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
     level("odmr_done", domains=batch, relayed=m.relayed, refused=m.refused,
           deferred=m.deferred, deferred_recipients=got.deferred_recipients, ended=got.ended,
           elapsed_ms=round(elapsed_ms, 1), attempt=attempt)
-    return verdict
+    return verdict, True
 
 
 async def session(relay: Relay, host: str, batches: Sequence[list[str]],
@@ -160,13 +164,14 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
             if not valid:
                 continue
             turned = True  # from here on the provider may take the connection over
-            verdict = await _atrn(smtp, relay, valid, result, log, attempt)
+            verdict, turned = await _atrn(smtp, relay, valid, result, log, attempt)
             for domain in valid:
                 result.replies[domain] = verdict
                 on_reply(domain, verdict)
-            if verdict.code == 250 or verdict.outcome is Outcome.REFUSED_RELAY:
-                return verdict if verdict.outcome is Outcome.REFUSED_RELAY else None
-            turned = False
+            if turned:
+                return None  # the provider's QUIT (or a drop) ended the connection
+            if verdict.outcome is Outcome.REFUSED_RELAY:
+                return verdict
             if not smtp.is_connected:
                 return failure("SMTPServerDisconnected",
                                "provider closed the session after ATRN", verdict.code)

@@ -45,6 +45,7 @@ class Provider:
     bounced: list[Message] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # every line both ways, for assertions
     port: int = 0
+    after_quit: bytes = b""  # what the customer still sent after the provider's QUIT
     greeted: asyncio.Event = field(default_factory=asyncio.Event)  # the customer's 220 came
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -154,7 +155,7 @@ class Provider:
         if self.quit_with_fin:
             writer.write_eof()
             with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-                await reader.read()  # the 221 (or nothing) and the close
+                self.after_quit += await reader.read()  # the 221 (or nothing), the close
         else:
             await self._reply(reader)
 

@@ -162,6 +162,9 @@ async def test_office_451_to_one_recipient_the_provider_keeps_it_totals_add_up(
     assert (status.messages.relayed, status.messages.deferred) == (5, 1)
     deferred = [e for e in events if e["event"] == "odmr_message" and e["outcome"] == "deferred"]
     assert [(d["code"], d["sender"]) for d in deferred] == [(451, queue[2].sender)]
+    retried = [e["reason"] for e in events if e["event"] == "etrn_retry"]
+    assert len(retried) == 1 and retried[0].startswith("example.test: 451 the office MTA"), retried
+    assert provider.after_quit.startswith(b"221") and b"QUIT" not in provider.after_quit
 
 
 async def test_office_refusal_goes_back_as_5xx_and_counts_as_refused(tmp_path: Path) -> None:
