@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from etrnd.offloop import block_loop_signals
+
 # About 5 MB of JSON lines: far more than any burst; beyond that lines are dropped, counted.
 MAX_QUEUED = 20_000
 EXIT_FLUSH = 0.3  # s: lines still queued at exit get this long (SIGTERM must exit in 1 s)
@@ -55,6 +57,7 @@ class LineWriter:
         return None  # the thread flushes after each batch
 
     def _run(self) -> None:
+        block_loop_signals()
         while True:
             with self._cond:
                 while not self._queue and not self.dropped:

@@ -20,6 +20,11 @@ _LOOP_SIGNALS = {signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, s
 MAX_THREADS = 64
 
 
+def block_loop_signals() -> None:
+    """In a helper thread: leave the loop's signals to the loop thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _LOOP_SIGNALS)
+
+
 class ThreadPerCall(concurrent.futures.ThreadPoolExecutor):
     """The daemon's default executor (asyncio runs getaddrinfo and to_thread in it).
 
@@ -41,7 +46,7 @@ class ThreadPerCall(concurrent.futures.ThreadPoolExecutor):
             return future
 
         def run() -> None:
-            signal.pthread_sigmask(signal.SIG_BLOCK, _LOOP_SIGNALS)
+            block_loop_signals()
             try:
                 if not future.set_running_or_notify_cancel():
                     return

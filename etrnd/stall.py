@@ -84,6 +84,14 @@ class StallDetector:
             if self.on_stall is not None:
                 self.on_stall(Stall(duration, self._where))
 
+    def stop(self) -> None:
+        """The loop is closing: no alarm may outlive it (its default action kills)."""
+        self._since = None
+        if self._sample:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
+        self._armed = False
+
     def on_alarm(self, _signum: int, frame: FrameType | None) -> None:
         """SIGALRM handler: runs in the loop thread, between its bytecodes or in an EINTR."""
         self._armed = False
@@ -110,3 +118,7 @@ class _TimedSelector(selectors.EpollSelector):
             return super().select(timeout)
         finally:
             self._detector.running()
+
+    def close(self) -> None:
+        self._detector.stop()
+        super().close()

@@ -17,6 +17,7 @@ import pytest
 
 from etrnd.netlink import NLM_F_MULTI, RTM_NEWLINK, RTM_NEWROUTE, bpf_program
 from tests.nettools import Netns, netns, unique, veth
+from tests.nobody import nobody_python
 
 REPO = Path(__file__).resolve().parent.parent
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
@@ -29,9 +30,11 @@ def fields(line: str) -> dict[str, str]:
 class Watcher:
     """`python -m etrnd.watch` inside a namespace; every output line is kept and timed."""
 
-    def __init__(self, ns: Netns, *args: str, wrap: tuple[str, ...] = ()) -> None:
-        self.proc = ns.popen(*wrap, sys.executable, "-m", "etrnd.watch", "--verbose", *args,
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def __init__(self, ns: Netns, *args: str, wrap: tuple[str, ...] = (),
+                 python: tuple[str, ...] = (sys.executable,),
+                 env: dict[str, str] | None = None) -> None:
+        self.proc = ns.popen(*wrap, *python, "-m", "etrnd.watch", "--verbose", *args,
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.lines: list[str] = []
         self._q: queue.Queue[tuple[float, str] | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -334,9 +337,10 @@ def test_without_capabilities_the_buffer_is_capped_and_said_once(ns: Netns) -> N
     wan, peer = wan_pair(ns)
     for dev in (wan, peer):
         ip(ns, "link", "set", dev, "up")
+    python, env = nobody_python()  # the checkout itself may be out of nobody's reach
     w = Watcher(ns, "--interfaces", wan, "--up-when", "carrier",
                 wrap=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                      "--inh-caps=-all", "--bounding-set=-all"))
+                      "--inh-caps=-all", "--bounding-set=-all"), python=python, env=env)
     w.ready("up")
     limited = [line for line in w.lines if "netlink_rcvbuf_limited" in line]
     assert len(limited) == 1 and "wanted=8388608" in limited[0], w.lines

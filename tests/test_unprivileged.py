@@ -6,14 +6,14 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemonproc import ROOT, ScriptServer, wait_for
+from tests.daemonproc import ScriptServer, wait_for
 from tests.nettools import linked
+from tests.nobody import nobody_python
 from tests.test_daemon import PORT, Wan, write_config
 
 pytestmark = pytest.mark.root
@@ -43,12 +43,13 @@ def test_runs_as_nobody_without_capabilities(shared_dir: Path) -> None:
         config = write_config(run_dir / "etrnd.yaml", wan.wan)
         config.chmod(0o644)
         log = shared_dir / "log"
+        python, env = nobody_python()  # the checkout itself may be out of nobody's reach
         with open(log, "wb") as out:
             proc = subprocess.Popen(office.cmd(
                 "setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                 "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
-                sys.executable, "-m", "etrnd", "run", "-c", str(config)),
-                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+                *python, "-m", "etrnd", "run", "-c", str(config)),
+                stdout=out, stderr=subprocess.STDOUT, cwd=shared_dir, env=env)
         try:
             wait_for(lambda: "daemon_ready" in log.read_text(), 15, "daemon_ready")
             wan.carrier(True)
