@@ -12,7 +12,14 @@ from aiosmtplib import SMTP, SMTPAuthenticationError
 from etrnd import turnaround
 from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_atrn_domain
-from etrnd.etrn import _describe, _goodbye, _Refused, _secure, helo_name, tls_context
+from etrnd.etrn import (
+    _describe,
+    _goodbye,
+    _Refused,
+    _secure,
+    helo_name,
+    tls_context_off_loop,
+)
 from etrnd.localmta import LocalMta
 from etrnd.logs import get_logger
 from etrnd.replies import (
@@ -145,13 +152,12 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
     smtp = TranscriptSMTP(  # an aiosmtplib.SMTP; at log level debug it logs each line
         hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
         timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
-        tls_context=None if relay.tls == "none" else tls_context(relay.verify),
         transcript_log=log,
     )
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     turned = False
     try:
-        await smtp.connect()
+        await _connect(smtp, relay)
         tls = await _secure(smtp, relay, host, log)
         log.info("odmr_session", port=relay.effective_port, tls=tls, attempt=attempt)
         if tls != "none" and not relay.verify:
@@ -194,6 +200,13 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
             smtp.close()  # the provider's QUIT ended it, or it is gone: nothing more to say
         else:
             await _goodbye(smtp, quit_timeout)
+
+
+async def _connect(smtp: TranscriptSMTP, relay: Relay) -> None:
+    """Open the connection as ETRN sessions do; the place for a source address (`source:`)."""
+    if relay.tls != "none":
+        smtp.tls_context = await tls_context_off_loop(relay.verify)  # reads the trust store
+    await smtp.connect()
 
 
 def _checked(batch: list[str], result: AttemptResult, on_reply: OnReply, log: Any) -> list[str]:

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,9 @@ class Provider:
     after_turnaround: str = "deliver"  # deliver | stall | drop_after_first
     stop_on_451: bool = True  # Exim: one 451 from the customer ends the ATRN session
     quit_with_fin: bool = True  # Exim: QUIT and FIN together, no wait for 221
+    tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
+    tls_active: bool = False  # the (last) session is under TLS
+    tls_log: list[str] = field(default_factory=list)  # customer lines read under TLS
     delivered: list[Message] = field(default_factory=list)
     bounced: list[Message] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # every line both ways, for assertions
@@ -54,6 +58,8 @@ class Provider:
         if not line:
             raise ConnectionResetError("customer closed")
         self.log.append("C: " + line.rstrip("\r\n"))
+        if self.tls_active:
+            self.tls_log.append(line.rstrip("\r\n"))
         return line.rstrip("\r\n")
 
     async def _reply(self, reader: asyncio.StreamReader) -> int:
@@ -72,7 +78,7 @@ class Provider:
         self._tasks.add(task)
         try:
             await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             self._tasks.discard(task)
@@ -86,7 +92,15 @@ class Provider:
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
             if verb == "EHLO":
-                self._say(writer, f"250-provider.test\r\n250-AUTH {self.mechanisms}\r\n250 ATRN")
+                tls = "250-STARTTLS\r\n" if self.tls and not writer.get_extra_info(
+                    "ssl_object") else ""
+                self._say(writer, f"250-provider.test\r\n{tls}250-AUTH {self.mechanisms}"
+                          "\r\n250 ATRN")
+            elif verb == "STARTTLS" and self.tls is not None:
+                self._say(writer, "220 go ahead")
+                await writer.drain()
+                await writer.start_tls(self.tls)
+                self.tls_active, authed = True, False
             elif verb == "AUTH":
                 authed = await self._auth(arg, reader, writer)
             elif verb == "ATRN":

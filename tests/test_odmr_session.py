@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from structlog.testing import capture_logs
 
 from etrnd import odmr
@@ -86,6 +88,26 @@ async def test_every_message_reaches_the_office_before_the_provider_hears_250(
     assert {e["outcome"] for e in per_message} == {"relayed"}
     assert all(e["size"] > 0 and e["sender"].endswith("@far.test") for e in per_message)
     assert PASSWORD not in json.dumps(events, default=str)
+
+
+async def test_starttls_then_plain_and_the_turnaround_stays_encrypted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_path))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    provider, office = Provider(queue=mails(2), tls=server), Office()
+    async with serving(provider, office) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, plaintext=False)
+        relay = relay.model_copy(update={"tls": "starttls"})
+        result = await odmr.attempt(relay, relay.etrn)
+    assert result.messages.relayed == 2 and len(office.received) == 2
+    assert provider.tls_log[0] == "EHLO office.test"
+    assert provider.tls_log[1].startswith("AUTH PLAIN ")  # under TLS PLAIN comes first
+    assert "220 office.test etrnd ODMR" in provider.tls_log  # our greeting, encrypted
+    assert any(line.startswith("250") for line in provider.tls_log[3:])
 
 
 async def test_cram_md5_without_tls_and_nothing_in_clear(tmp_path: Path) -> None:
