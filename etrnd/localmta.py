@@ -149,6 +149,12 @@ class LocalMta:
         if self._smtp is not None and self._smtp.is_connected:
             await self._step(b"RSET")
 
+    def abort(self) -> None:
+        """Drop the connection at once (cancelled: a link-down is waiting on us)."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
         if smtp is None:

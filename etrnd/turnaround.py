@@ -211,11 +211,14 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
     server.connection_made(transport)
     try:
         await server.closed
-    finally:
-        if not server.closed.done():
-            transport.close()  # cancelled (link down): the provider keeps what it has
+    except asyncio.CancelledError:
+        # A link-down or stop: the provider keeps what it has not heard 250 for.
+        transport.close()
+        local.abort()
         handler.finish()
-        await local.close()
+        raise
+    handler.finish()
+    await local.close()
     if not result.quit:
         result.ended = "timeout" if server.timed_out else "dropped"
     return result
