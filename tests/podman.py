@@ -7,8 +7,8 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from tests.rootfs import CACHE, _locked, cached_root
@@ -21,8 +21,15 @@ PYTHON_IMAGE_FULL = f"docker.io/library/{PYTHON_IMAGE}"
 # Debian packages of the stand-in: python3-venv for a pip that may install (see below), and
 # what the real slim image adds to Debian (its Dockerfile installs these three).
 BASE_PACKAGES = ("python3-venv", "ca-certificates", "netbase", "tzdata")
-# Bump when the stand-in recipe below changes.
-BASE_RECIPE = 1
+# Added on top of the imported root. Like the real image: Python's own directory first on PATH,
+# a UTF-8 locale, and /usr/local/bin/python3 with a pip that may install and uninstall there.
+BASE_CONTAINERFILE = """\
+FROM {imported}
+ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    LANG=C.UTF-8
+RUN python3 -m venv /usr/local && /usr/local/bin/pip --version
+CMD ["python3"]
+"""
 
 HOME = CACHE / "podman"
 # Stock podman fails on this kind of host (crun cannot set RLIMIT_NOFILE without
@@ -117,7 +124,7 @@ def stand_in_base() -> tuple[str, dict[str, object]]:
     Built once, kept in our podman storage, keyed by the root and this recipe.
     """
     root = cached_root("bookworm", include=BASE_PACKAGES)
-    recipe: dict[str, object] = {"recipe": BASE_RECIPE, "root": root.name}
+    recipe: dict[str, object] = {"root": root.name, "containerfile": BASE_CONTAINERFILE}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     keyed = f"localhost/etrnd-test-python-base:{key}"
     with _locked(CACHE / "podman-base.lock"):
@@ -135,19 +142,11 @@ def stand_in_base() -> tuple[str, dict[str, object]]:
             tar.wait()
             if proc.returncode != 0 or tar.returncode != 0:
                 raise RuntimeError(f"podman import failed: {proc.stderr[-2000:]}")
-            containerfile = HOME / f"Containerfile.base.{os.getpid()}"
-            containerfile.write_text(
-                f"FROM {imported}\n"
-                # Like the real image: Python's own directory first on PATH, UTF-8 locale.
-                "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin \\\n"
-                "    LANG=C.UTF-8\n"
-                "RUN python3 -m venv /usr/local && /usr/local/bin/pip --version\n"
-                'CMD ["python3"]\n')
-            try:
+            with tempfile.TemporaryDirectory() as context:  # empty: the build copies nothing
+                containerfile = Path(context) / "Containerfile"
+                containerfile.write_text(BASE_CONTAINERFILE.format(imported=imported))
                 podman("build", "--format", "docker", "--pull=never", "--network", "none",
-                       "-f", str(containerfile), "-t", keyed, str(HOME), timeout=600)
-            finally:
-                containerfile.unlink()
+                       "-f", str(containerfile), "-t", keyed, context, timeout=600)
             podman("rmi", imported, check=False)
             podman("image", "inspect", keyed)  # fail here, not in the test, if it is broken
             (HOME / f"base-{key}.json").write_text(json.dumps(
@@ -157,13 +156,5 @@ def stand_in_base() -> tuple[str, dict[str, object]]:
     return PYTHON_IMAGE_FULL, recipe
 
 
-def build(context: Path, tag: str, *extra: Sequence[str] | str) -> float:
-    """`podman build --format docker -t TAG CONTEXT` plus `extra`; returns the seconds taken."""
-    started = time.monotonic()
-    podman("build", "--format", "docker", "--pull=never", "-t", tag,
-           *[str(e) for e in extra], str(context), timeout=900)
-    return time.monotonic() - started
-
-
-__all__ = ["PYTHON_IMAGE", "PYTHON_IMAGE_FULL", "PodmanUnavailable", "build", "check_usable",
-           "env", "podman", "stand_in_base"]
+__all__ = ["PYTHON_IMAGE", "PYTHON_IMAGE_FULL", "PodmanUnavailable", "check_usable", "env",
+           "podman", "stand_in_base"]
