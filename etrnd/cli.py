@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etrnd import __version__
-from etrnd.config import Config, ConfigError, load_config, resolve_path
+from etrnd.config import Config, resolve_path
+from etrnd.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
 
 EXIT_OK = 0
 EXIT_FATAL = 1
-EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,17 +46,6 @@ def _err(message: str) -> None:
     print(f"etrnd: {message}", file=sys.stderr)
 
 
-def load_or_report(path: str | None) -> Config | None:
-    """Load the config, or print every problem (no traceback) and return None."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        _err(f"invalid configuration {resolve_path(path)}:")
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return None
-
-
 def summary(config: Config, path: Path) -> str:
     watch = config.watch
     ifaces = ", ".join(watch.interfaces) or "any interface"
@@ -87,10 +76,19 @@ def summary(config: Config, path: Path) -> str:
 
 
 def _check_config(path: str | None) -> int:
-    config = load_or_report(path)
+    # A credential that systemd hands only to the service is checked where the unit loads it
+    # from, or named as not checked: from a shell it cannot be read and that is not an error.
+    config = load_or_report(path, defer_credentials=True)
     if config is None:
         return EXIT_CONFIG
+    findings = check_secrets(config)
+    problems = [f"{f.key}: {f.text}" for f in findings if f.problem]
+    if problems:
+        report(path, problems)
+        return EXIT_CONFIG
     print(summary(config, resolve_path(path)))
+    for finding in findings:
+        print(f"secret {finding.key}: {finding.text}")
     return EXIT_OK
 
 

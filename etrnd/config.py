@@ -164,12 +164,28 @@ def _check_ifname(value: str) -> str:
     return value
 
 
+# systemd puts a service's credentials (LoadCredential=) here and says so in this variable.
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
+_CREDENTIALS_ROOT = Path("/run/credentials")
+# Validation context key: when true, a credential that only exists inside the service is not
+# an error but an unread Secret (check-config from an operator's shell). run/send never set it.
+DEFER_CREDENTIALS = "defer_credentials"
+
+
 @dataclass(frozen=True, repr=False)
 class Secret:
-    """A password read from a file; it never prints itself."""
+    """A password read from a file; it never prints itself.
+
+    `credential` is the systemd credential name when the config named one (a bare name, or a
+    path under /run/credentials/UNIT/). `unread` says why the value was not read: only
+    check-config run outside the service gets such a Secret, and its `value` is then empty.
+    """
 
     source: str
     value: str
+    credential: str | None = None
+    unit: str | None = None
+    unread: str | None = None
 
     def __repr__(self) -> str:
         return f"Secret(source={self.source!r}, value='**********')"
@@ -177,32 +193,59 @@ class Secret:
     __str__ = __repr__
 
 
-def _read_password(value: object) -> Secret:
+def _credential_of(path: Path) -> tuple[str, str] | None:
+    """(unit, name) for /run/credentials/UNIT/NAME, the path systemd gives a credential."""
+    if path.parent.parent == _CREDENTIALS_ROOT:
+        return path.parent.name, path.name
+    return None
+
+
+def _read_password(value: object, info: ValidationInfo) -> Secret:
     if isinstance(value, Secret):
         return value
     if not isinstance(value, str) or not value:
         raise ValueError("must be a file path or a credential name")
+    defer = bool(info.context and info.context.get(DEFER_CREDENTIALS))
+    cred: tuple[str | None, str] | None = None
     if "/" in value:
         path = Path(value)
+        cred = _credential_of(path)
     else:
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        cred = (None, value)
+        cred_dir = os.environ.get(CREDENTIALS_ENV)
         if not cred_dir:
-            raise ValueError(
-                f"{value!r} is a bare credential name but $CREDENTIALS_DIRECTORY is not set"
-            )
+            why = (f"{value!r} is a systemd credential (LoadCredential=), present only inside "
+                   f"the service, and ${CREDENTIALS_ENV} is not set")
+            if defer:
+                return Secret(source=value, value="", credential=value, unread=why)
+            raise ValueError(why + "; outside the service run: systemd-run --wait --pipe "
+                             f"-p LoadCredential={value}:FILE etrnd ...")
         path = Path(cred_dir) / value
+    if defer and cred is not None and cred[0] is not None and not path.exists():
+        unit, name = cred
+        return Secret(source=value, value="", credential=name, unit=unit,
+                      unread=f"{path} exists only inside {unit}")
     try:
         raw = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
+    password = check_password_text(raw, str(path))
+    return Secret(source=str(path), value=password, credential=cred[1] if cred else None)
+
+
+def check_password_text(raw: str, where: str) -> str:
+    """The password in a secret file's text: one line, the line break stripped.
+
+    Raises ValueError naming `where` when it is empty or holds more than one line.
+    """
     password = raw.rstrip("\r\n")
     if not password:
-        raise ValueError(f"{path} is empty")
+        raise ValueError(f"{where} is empty")
     if any(c in password for c in "\r\n\0"):
-        raise ValueError(f"{path} holds more than one line")
-    return Secret(source=str(path), value=password)
+        raise ValueError(f"{where} holds more than one line")
+    return password
 
 
 def check_atrn_domain(value: str) -> str:
@@ -510,19 +553,24 @@ def _problems(exc: ValidationError) -> Iterator[str]:
         yield f"{loc}: {msg}"
 
 
-def parse_config(data: object) -> Config:
-    """Validate an already-parsed YAML document."""
+def parse_config(data: object, *, defer_credentials: bool = False) -> Config:
+    """Validate an already-parsed YAML document.
+
+    With `defer_credentials`, a systemd credential that exists only inside the service is
+    returned as an unread Secret instead of failing (check-config from a shell).
+    """
     if data is None:
         raise ConfigError(["(top level): the file is empty; at least relays: is required"])
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of keys (watch, relays, retry, ...)"])
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
         raise ConfigError(list(_problems(exc))) from None
 
 
-def parse_yaml(text: str, source: str = "<config>") -> Config:
+def parse_yaml(text: str, source: str = "<config>", *,
+               defer_credentials: bool = False) -> Config:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
@@ -535,10 +583,11 @@ def parse_yaml(text: str, source: str = "<config>") -> Config:
     except RecursionError:
         # PyYAML composes recursively: `[[[[...` a few thousand deep exhausts the stack.
         raise ConfigError([f"{source}: YAML syntax: nested too deeply"]) from None
-    return parse_config(data)
+    return parse_config(data, defer_credentials=defer_credentials)
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                defer_credentials: bool = False) -> Config:
     """Read, parse and validate; every failure is a ConfigError with readable problems."""
     resolved = resolve_path(path)
     try:
@@ -549,4 +598,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{resolved}: not UTF-8 text (byte {exc.start})"]) from None
-    return parse_yaml(text, str(resolved))
+    return parse_yaml(text, str(resolved), defer_credentials=defer_credentials)

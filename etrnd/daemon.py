@@ -17,6 +17,7 @@ from etrnd import status as status_doc
 from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.control import ControlError, ControlServer
 from etrnd.logs import get_logger
+from etrnd.preflight import EXIT_CONFIG, load_or_report
 from etrnd.rounds import RelayStatus, run_round
 from etrnd.sdnotify import Notifier
 from etrnd.stall import Stall, StallDetector
@@ -333,11 +334,9 @@ class Daemon:
 
 
 def run_command(path: str | None) -> int:
-    from etrnd.cli import load_or_report
-
     config = load_or_report(path)
     if config is None:
-        return 2
+        return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format, background=True)
     stalls = StallDetector()
     daemon = Daemon(resolve_path(path), config, stalls=stalls)

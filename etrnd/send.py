@@ -6,11 +6,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from etrnd.cli import EXIT_CONFIG, load_or_report
 from etrnd.config import Relay, Retry, check_atrn_domain, check_etrn_argument
 from etrnd.etrn import resolve_helo
 from etrnd.logs import configure
 from etrnd.offloop import ThreadPerCall
+from etrnd.preflight import EXIT_CONFIG, load_or_report
 from etrnd.rounds import RoundResult, run_all
 
 EXIT_OK = 0

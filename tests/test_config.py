@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ EXAMPLE = ROOT / "config" / "etrnd.example.yaml"
 def example_text(tmp_path: Path) -> str:
     secret = tmp_path / "isp"
     secret.write_text("s3cret-pw\n")
-    return EXAMPLE.read_text().replace("/run/credentials/etrnd.service/isp", str(secret))
+    text = EXAMPLE.read_text()
+    assert "password_file: isp\n" in text  # the bare credential name the unit provides
+    return text.replace("password_file: isp\n", f"password_file: {secret}\n")
 
 
 def problems(text: str) -> list[str]:
@@ -193,10 +196,48 @@ def test_check_config_cli(tmp_path: Path, example_text: str) -> None:
         assert res.returncode == 2 and "cannot read" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_shipped_example_passes_check_config_as_shipped(tmp_path: Path) -> None:
+    # From a shell the unit's credential cannot be read: a note says so, it is not an error.
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    res = run_cli("check-config", "-c", str(EXAMPLE), env=env)
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stdout.splitlines() if line.startswith("secret ")]
+    assert len(notes) == 1, res.stdout
+    assert notes[0].startswith("secret relays.0.auth.password_file: not checked: 'isp' is a "
+                               "systemd credential (LoadCredential=), present only inside the "
+                               "service, and $CREDENTIALS_DIRECTORY is not set; "), notes
+    # ... but the commands that would use the password refuse to start without it.
+    for command in ("run", "send"):
+        res = run_cli(command, "-c", str(EXAMPLE), env=env)
+        assert res.returncode == 2, (command, res.stderr)
+        assert "relays.0.auth.password_file: 'isp' is a systemd credential" in res.stderr
+        assert "systemd-run --wait --pipe -p LoadCredential=isp:FILE" in res.stderr
+
+
+def test_check_config_still_fails_a_credential_it_can_read(tmp_path: Path) -> None:
+    # Inside the service (or with $CREDENTIALS_DIRECTORY set) the credential is read as usual.
+    (tmp_path / "isp").write_text("")
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    res = run_cli("check-config", "-c", str(EXAMPLE), env=env)
+    assert res.returncode == 2
+    assert f"relays.0.auth.password_file: {tmp_path / 'isp'} is empty" in res.stderr
+
+
+def test_credential_path_of_another_service_is_deferred_too(tmp_path: Path) -> None:
+    # The path systemd gives a credential, /run/credentials/UNIT/NAME, is only there inside it.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("relays:\n  - host: h.example\n    etrn: [n]\n    auth: {username: u, "
+                   "password_file: /run/credentials/etrnd-test-none.service/isp}\n")
+    res = run_cli("check-config", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert ("not checked: /run/credentials/etrnd-test-none.service/isp exists only inside "
+            "etrnd-test-none.service") in res.stdout
+    res = run_cli("send", "-c", str(cfg))
+    assert res.returncode == 2 and "cannot read /run/credentials/" in res.stderr
+
+
 def test_config_from_environment(tmp_path: Path) -> None:
     path = tmp_path / "env.yaml"
     path.write_text(MINIMAL)
-    import os
-
     res = run_cli("check-config", env={**os.environ, "ETRND_CONFIG": str(path)})
     assert res.returncode == 0 and str(path) in res.stdout

@@ -1,0 +1,127 @@
+"""Load the config for a command: problems and unchecked secrets reported, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from etrnd.config import (
+    Config,
+    ConfigError,
+    Secret,
+    check_password_text,
+    load_config,
+    resolve_path,
+)
+
+EXIT_CONFIG = 2
+# The unit the README installs; a credential named in the config is looked up in it.
+UNIT = "etrnd.service"
+
+
+def _err(message: str) -> None:
+    print(f"etrnd: {message}", file=sys.stderr)
+
+
+def load_or_report(path: str | None, *, defer_credentials: bool = False) -> Config | None:
+    """Load the config, or print every problem (no traceback) and return None.
+
+    `defer_credentials` is for check-config only: a systemd credential that exists only inside
+    the service is then left unread (see `check_secrets`) instead of being a problem.
+    """
+    try:
+        return load_config(path, defer_credentials=defer_credentials)
+    except ConfigError as exc:
+        report(path, exc.problems)
+        return None
+
+
+def report(path: str | None, problems: list[str]) -> None:
+    """Print `problems` (each `key.path: reason`) under the config's path, to stderr."""
+    _err(f"invalid configuration {resolve_path(path)}:")
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What check-config learnt about one secret: `problem` fails the check, a note does not."""
+
+    key: str
+    text: str
+    problem: bool = False
+
+
+def check_secrets(config: Config) -> list[Finding]:
+    """Findings for every secret the config could not read here (a credential outside its unit).
+
+    Such a credential is looked up where systemd would load it from: the unit's
+    `LoadCredential=NAME:FILE` (asked of systemctl, so drop-ins count). A missing FILE, an
+    empty or multi-line one, or no such LoadCredential= is a problem (the service could not
+    start or authenticate); a FILE this user may not read, or no systemd, is only a note.
+    """
+    findings = []
+    for i, relay in enumerate(config.relays):
+        if relay.auth is not None and relay.auth.password_file.unread is not None:
+            key = f"relays.{i}.auth.password_file"
+            findings.append(_check_credential(key, relay.auth.password_file))
+    return findings
+
+
+def _check_credential(key: str, secret: Secret) -> Finding:
+    name = secret.credential or secret.source
+    unit = secret.unit or UNIT
+    why = f"not checked: {secret.unread}"
+    loaded = unit_credentials(unit)
+    if isinstance(loaded, str):
+        return Finding(key, f"{why}; {loaded}")
+    source = loaded.get(name)
+    if source is None:
+        return Finding(key, f"{unit} has no LoadCredential={name}:FILE, so the service "
+                            f"would not find credential {name!r}", problem=True)
+    if not source.startswith("/"):
+        return Finding(key, f"{why}; {unit} loads it from the credential store ({source!r})")
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except PermissionError:
+        return Finding(key, f"{why}; {unit} loads it from {source}, which this user cannot "
+                            "read (run check-config as root to check it)")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        return Finding(key, f"{unit} loads credential {name!r} from {source}: cannot read: "
+                            f"{reason}; the service would not start", problem=True)
+    try:
+        check_password_text(text, source)
+    except ValueError as exc:
+        return Finding(key, f"{unit} loads credential {name!r} from {exc}", problem=True)
+    return Finding(key, f"credential {name!r}: {unit} loads it from {source}: readable, "
+                        "one line")
+
+
+def unit_credentials(unit: str) -> dict[str, str] | str:
+    """The unit's `LoadCredential=` as {name: source}, or why systemd could not tell."""
+    try:
+        res = subprocess.run(
+            ["systemctl", "show", unit, "--property=LoadState", "--property=LoadCredential"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"systemd could not say where {unit} loads it from ({exc})"
+    if res.returncode != 0:
+        first = (res.stderr.strip().splitlines() or ["systemctl failed"])[0]
+        return f"systemd could not say where {unit} loads it from ({first})"
+    creds: dict[str, str] = {}
+    for line in res.stdout.splitlines():
+        prop, _, value = line.partition("=")
+        if prop == "LoadState" and value != "loaded":
+            return f"{unit} is not installed ({value})"
+        if prop == "LoadCredential" and value:
+            name, _, source = value.partition(":")
+            creds[name] = source
+    return creds
+
+
+__all__ = ["EXIT_CONFIG", "UNIT", "Finding", "check_secrets", "load_or_report", "report",
+           "unit_credentials"]
