@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -95,32 +96,46 @@ def _check_credential(key: str, secret: Secret) -> Finding:
     try:
         check_password_text(text, source)
     except ValueError as exc:
-        return Finding(key, f"{unit} loads credential {name!r} from {exc}", problem=True)
+        return Finding(key, f"credential {name!r} of {unit}: {exc}", problem=True)
     return Finding(key, f"credential {name!r}: {unit} loads it from {source}: readable, "
                         "one line")
+
+
+def _bus_path(unit: str) -> str:
+    # sd_bus_path_encode(): every byte but [A-Za-z0-9] (and a leading digit) becomes _XX.
+    encoded = "".join(c if c.isascii() and c.isalnum() and (i or not c.isdigit())
+                      else "".join(f"_{b:02x}" for b in c.encode()) for i, c in enumerate(unit))
+    return "/org/freedesktop/systemd1/unit/" + (encoded or "_")
+
+
+def _unit_property(unit: str, interface: str, prop: str) -> object:
+    """One property of `unit` from systemd over D-Bus (busctl); loads the unit if need be.
+
+    `systemctl show` prints LoadCredential= as "[unprintable]" in systemd 252, hence busctl.
+    Raises OSError (no busctl), subprocess.TimeoutExpired or RuntimeError (systemd said no).
+    """
+    res = subprocess.run(
+        ["busctl", "--json=short", "get-property", "org.freedesktop.systemd1",
+         _bus_path(unit), f"org.freedesktop.systemd1.{interface}", prop],
+        capture_output=True, text=True, timeout=10, check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError((res.stderr.strip().splitlines() or ["busctl failed"])[0])
+    return json.loads(res.stdout)["data"]
 
 
 def unit_credentials(unit: str) -> dict[str, str] | str:
     """The unit's `LoadCredential=` as {name: source}, or why systemd could not tell."""
     try:
-        res = subprocess.run(
-            ["systemctl", "show", unit, "--property=LoadState", "--property=LoadCredential"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        state = _unit_property(unit, "Unit", "LoadState")
+        if state != "loaded":
+            return f"{unit} is not installed ({state})"
+        pairs = _unit_property(unit, "Service", "LoadCredential")
+    except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
         return f"systemd could not say where {unit} loads it from ({exc})"
-    if res.returncode != 0:
-        first = (res.stderr.strip().splitlines() or ["systemctl failed"])[0]
-        return f"systemd could not say where {unit} loads it from ({first})"
-    creds: dict[str, str] = {}
-    for line in res.stdout.splitlines():
-        prop, _, value = line.partition("=")
-        if prop == "LoadState" and value != "loaded":
-            return f"{unit} is not installed ({value})"
-        if prop == "LoadCredential" and value:
-            name, _, source = value.partition(":")
-            creds[name] = source
-    return creds
+    if not isinstance(pairs, list):
+        return f"systemd could not say where {unit} loads it from (got {pairs!r})"
+    return {str(name): str(source) for name, source in pairs}
 
 
 __all__ = ["EXIT_CONFIG", "UNIT", "Finding", "check_secrets", "load_or_report", "report",

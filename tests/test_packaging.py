@@ -176,7 +176,7 @@ def test_sandbox_keeps_only_the_host_network(testable_unit: Path) -> None:
 
 def test_unit_runs_the_daemon_as_documented(unit: Unit) -> None:
     assert unit.one("Service", "ExecStart") == f"{INSTALLED_ETRND} run"
-    assert unit.one("Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert unit.one("Service", "ExecReload") == """/bin/sh -c 'kill -HUP "$MAINPID"'"""
     assert unit.one("Service", "Type") == "notify"
     assert unit.one("Service", "NotifyAccess") == "main"
     assert unit.one("Service", "Restart") == "on-failure"
