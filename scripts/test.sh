@@ -25,6 +25,9 @@ command -v newuidmap >/dev/null || need+=(uidmap)
 # the Debian roots (cached): sid for the real Exim ODMR provider of the interop tests,
 # bookworm for the image's stand-in base
 command -v debootstrap >/dev/null || need+=(debootstrap)
+# tests/test_systemd_e2e.py: Debian's systemd as PID 1 in systemd-nspawn (a bookworm root),
+# entered with nsenter (util-linux, above).
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq

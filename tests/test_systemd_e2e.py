@@ -357,7 +357,8 @@ def test_stop_kill_and_bad_config(gw: Gateway) -> None:
     box.run("systemctl stop etrnd")
     p = box.show("etrnd", "ActiveState", "Result", "ExecMainStatus",
                  "ActiveExitTimestampMonotonic", "InactiveEnterTimestampMonotonic")
-    assert (p["ActiveState"], p["Result"], p["ExecMainStatus"]) == ("inactive", "success", "0")
+    assert (p["ActiveState"], p["Result"], p["ExecMainStatus"]) == ("inactive", "success", "0"), (
+        p, box.out("journalctl --no-pager -b -u etrnd -n 30 -o cat"))
     stop = (int(p["InactiveEnterTimestampMonotonic"]) - int(p["ActiveExitTimestampMonotonic"]))
     gw.timings["stop"] = stop / 1e6
     assert stop < 1_000_000, f"systemctl stop took {stop / 1e6:.3f} s"
