@@ -328,3 +328,17 @@ async def test_debug_transcript_covers_all_three_legs(tmp_path: Path) -> None:
     assert ("smtp_recv", None, "<message body>") in said
     assert ("smtp_send", "local", "DATA") in said and ("smtp_send", "local", "QUIT") in said
     assert ("smtp_recv", None, "QUIT") in said
+
+
+async def test_domains_beyond_one_atrn_line_take_further_sessions(tmp_path: Path) -> None:
+    domains = tuple(f"{'d' * 55}{i}.example.test" for i in range(20))
+    first, last = domains[0], domains[-1]
+    provider = Provider(queue=mails(2, first) + mails(3, last))
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, domains=domains)
+        result = await odmr.attempt(relay, relay.etrn)
+    atrns = [ln for ln in provider.log if ln.startswith("C: ATRN ")]
+    assert len(atrns) == len(odmr.atrn_batches(domains)) >= 3
+    assert all(len(ln) - 3 + 2 <= 512 for ln in atrns)
+    assert result.stop is None and set(result.replies) == set(domains)
+    assert result.messages.relayed == 5 and not provider.queue
