@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-# aiosmtpd itself still reads the legacy attribute it warns about.
-warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+# aiosmtpd itself still sets the legacy attribute it then warns about (on its logger).
+logging.getLogger("mail.log").setLevel(logging.ERROR)
 REFUSED = {"example.net": "459 <example.net>: service unavailable"}
 
 
