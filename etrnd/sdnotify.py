@@ -85,7 +85,7 @@ class Notifier:
         backlog = bool(self._pending)
         self._pending, dropped = enqueue(self._pending, assignments)
         self.coalesced += dropped
-        if not backlog:
+        if not backlog or self._retry is None:  # else the retry timer flushes, in order
             self._flush()
 
     def _flush(self) -> None:
