@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -10,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,6 +125,7 @@ def postfix(ns: Netns, root: Path, *, address: str, relay_domains: tuple[str, ..
     `relay_domains` are accepted and (by default) flushed on ETRN; `transport` maps a domain
     to a next hop such as `smtp:[198.51.100.2]:25`; `settings` override any main.cf value.
     """
+    root = _own_directory(root)
     for sub in ("etc", "queue", "data", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     _let_postfix_through(root)
@@ -149,6 +152,21 @@ def _let_postfix_through(root: Path) -> None:
         mode = directory.stat().st_mode
         if not mode & stat.S_IXOTH:
             directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+def _own_directory(root: Path) -> Path:
+    """Where Postfix's files really go: `root` becomes a symbolic link to a new directory
+    outside pytest's basetemp. The o+x that _let_postfix_through adds there does not last on
+    a shared machine: any other pytest session that starts resets pytest-of-root to 0700,
+    and Postfix then fails with "open lock file .../master.lock: Permission denied"."""
+    if root.exists():
+        return root.resolve()
+    real = Path(tempfile.mkdtemp(prefix="etrnd-postfix-"))
+    real.chmod(0o711)
+    atexit.register(shutil.rmtree, real, True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.symlink_to(real, target_is_directory=True)
+    return real
 
 
 def _stop(instance: Postfix) -> None:
