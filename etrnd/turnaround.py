@@ -23,6 +23,10 @@ logging.getLogger("mail.log").propagate = False
 
 # The largest message taken from the provider: held in memory while the office MTA takes it.
 DATA_SIZE_LIMIT = 64 * 1024 * 1024
+# The idle timer restarts on every byte (a big message on a slow link is fine), so a provider
+# trickling bytes could otherwise hold the round for ever. An hour moves ~450 MB at 1 Mbit/s;
+# what was confirmed by then stays delivered, and the next attempt takes the rest.
+MAX_TURNAROUND = 3600.0
 
 
 @dataclass
@@ -201,7 +205,8 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
                   transcript: Transcript | None = None) -> Turnaround:
     """Greet (220) on `transport` and serve the provider until it leaves; see Turnaround.
 
-    The provider may stay silent for `idle_timeout` seconds at most. Only CancelledError
+    The provider may stay silent for `idle_timeout` seconds at most, and keep the connection
+    for MAX_TURNAROUND seconds in all. Only CancelledError
     escapes; the connection and the office MTA's are closed either way.
     """
     result = Turnaround()
@@ -210,7 +215,12 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
     transport.set_protocol(server)
     server.connection_made(transport)
     try:
-        await server.closed
+        async with asyncio.timeout(MAX_TURNAROUND):
+            await server.closed
+    except TimeoutError:
+        server.timed_out = True
+        transport.close()
+        log.warning("odmr_turnaround_too_long", limit_s=MAX_TURNAROUND)
     except asyncio.CancelledError:
         # A link-down or stop: the provider keeps what it has not heard 250 for.
         transport.close()

@@ -39,7 +39,7 @@ class Provider:
     queue: list[Message] = field(default_factory=list)
     atrn_replies: list[str] = field(default_factory=list)  # default: 250 / 453 by the queue
     mechanisms: str = "PLAIN LOGIN CRAM-MD5"
-    after_turnaround: str = "deliver"  # deliver | stall | drop_after_first
+    after_turnaround: str = "deliver"  # deliver | stall | drop_after_first | trickle
     stop_on_451: bool = True  # Exim: one 451 from the customer ends the ATRN session
     quit_with_fin: bool = True  # Exim: QUIT and FIN together, no wait for 221
     tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
@@ -156,6 +156,11 @@ class Provider:
         self.greeted.set()
         if self.after_turnaround == "stall":
             await asyncio.Event().wait()  # until the customer gives up and closes
+        if self.after_turnaround == "trickle":  # a command line that never ends
+            while True:
+                writer.write(b"N")
+                await writer.drain()
+                await asyncio.sleep(0.05)
         self._say(writer, "EHLO provider.test")
         await self._reply(reader)
         for n, message in enumerate(wanted):

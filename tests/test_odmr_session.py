@@ -14,7 +14,7 @@ import pytest
 import trustme
 from structlog.testing import capture_logs
 
-from etrnd import odmr
+from etrnd import odmr, turnaround
 from etrnd import status as status_doc
 from etrnd.config import Relay, Retry, parse_yaml
 from etrnd.replies import Outcome
@@ -209,6 +209,17 @@ async def test_stall_after_turnaround_times_out_and_keeps_the_queue(tmp_path: Pa
     verdict = result.replies["example.test"]
     assert (verdict.outcome, verdict.error) == (Outcome.TRANSIENT, "TurnaroundTimeout")
     assert len(provider.queue) == 2 and result.messages.relayed == 0
+
+
+async def test_a_trickling_provider_cannot_hold_the_round_for_ever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(turnaround, "MAX_TURNAROUND", 1.0)
+    provider = Provider(queue=mails(1), after_turnaround="trickle")
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port, timeout="0.5s")
+        result = await asyncio.wait_for(odmr.attempt(relay, relay.etrn), 20)
+    assert result.replies["example.test"].error == "TurnaroundTimeout"
+    assert len(provider.queue) == 1
 
 
 async def test_drop_after_turnaround_keeps_what_was_accepted(tmp_path: Path) -> None:
