@@ -62,6 +62,7 @@ def summary(config: Config, path: Path) -> str:
         lines.append(
             f"relay {relay.label}: {', '.join(relay.all_hosts)} port {relay.effective_port}, "
             f"tls {relay.tls}{'' if relay.verify else ' (NOT verified)'}{auth}; {what}"
+            + ("" if relay.source == "auto" else f"; source {relay.source}")
         )
     r = config.retry
     give_up = f"{r.give_up_after:g}s" if r.give_up_after else "never"
@@ -70,6 +71,9 @@ def summary(config: Config, path: Path) -> str:
         f"jitter {r.jitter:g}, give up after {give_up}; "
         f"repeat {'every ' + format(config.repeat, 'g') + 's' if config.repeat else 'off'}"
     )
+    if config.local_mta is not None:
+        lines.append(f"local MTA: {config.local_mta.address}, rounds wait for its 220 "
+                     f"up to {config.local_mta.max_wait:g}s")
     lines.append(f"control socket: {config.control.socket}; log {config.log.level} "
                  f"as {config.log.format}")
     return "\n".join(lines)

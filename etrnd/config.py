@@ -308,6 +308,18 @@ def parse_deliver_to(value: object) -> DeliverTo:
     return DeliverTo(lmtp=lmtp, host=host, port=port)
 
 
+def _check_source(value: str) -> str:
+    """`source:` of a relay: auto, kernel, or an address of this machine (see etrnd.egress)."""
+    if value in ("auto", "kernel") or _is_ip(value):
+        return value
+    raise ValueError(f"{value!r} is not auto, kernel or an IP address to send from")
+
+
+def _local_mta_shorthand(value: object) -> object:
+    # `local_mta: 127.0.0.1:25` is `local_mta: {address: 127.0.0.1:25}`.
+    return {"address": value} if isinstance(value, str) else value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
 HostName = Annotated[str, AfterValidator(_check_hostname)]
@@ -370,6 +382,8 @@ class Relay(_Model):
     timeout: Duration = 30.0
     etrn: tuple[EtrnArgument, ...] = Field(min_length=1)  # odmr: the domains for ATRN
     deliver_to: DeliverTarget | None = None  # odmr only; default DEFAULT_DELIVER_TO
+    # Address to send from: auto | kernel | an address (etrnd.egress; README "egress").
+    source: Annotated[str, AfterValidator(_check_source)] = "auto"
 
     @field_validator("etrn")
     @classmethod
@@ -459,7 +473,15 @@ class Log(_Model):
     format: Literal["auto", "console", "json", "journal"] = "auto"
 
 
+class LocalMtaCheck(_Model):
+    """Hold rounds until this MTA greets with 220 (etrnd.mtagate), at most max_wait."""
+
+    address: DeliverTarget
+    max_wait: Duration = 300.0
+
+
 class Config(_Model):
+    local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = None
     watch: Watch = Watch()
     relays: tuple[Relay, ...] = Field(min_length=1)
     retry: Retry = Retry()

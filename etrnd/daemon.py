@@ -12,11 +12,12 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from etrnd import __version__, etrn, logs, offloop
+from etrnd import __version__, egress, etrn, logs, offloop
 from etrnd import status as status_doc
 from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.control import ControlError, ControlServer
 from etrnd.logs import get_logger
+from etrnd.mtagate import Gate
 from etrnd.preflight import EXIT_CONFIG, load_or_report
 from etrnd.rounds import RelayStatus, run_round
 from etrnd.sdnotify import Notifier
@@ -57,6 +58,8 @@ class Daemon:
         self._repeat: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._gate: Gate | None = None
+        self._set_gate(config)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
@@ -213,9 +216,12 @@ class Daemon:
                     await wake.wait()
             wake.clear()
 
-        log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
         try:
-            await run_round(relay, self.config.retry, None, status, sleep=sleep)
+            if self._gate is not None:
+                await self._hold(relay)  # False when the wait ran out: the round goes ahead
+            log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
+            with egress.expecting(self._expected()):
+                await run_round(relay, self.config.retry, None, status, sleep=sleep)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must cost one relay one round, not the daemon
@@ -225,6 +231,30 @@ class Daemon:
             if self._tasks.get(relay.label) is asyncio.current_task():
                 del self._tasks[relay.label]
             self._publish()
+
+    async def _hold(self, relay: Relay) -> bool:
+        """Wait for the office MTA's 220 (config local_mta), shared by all relays' rounds."""
+        assert self._gate is not None
+        self._publish()
+        try:
+            return await self._gate.ready(relay.label)
+        finally:
+            self._publish()
+
+    def _set_gate(self, config: Config) -> None:
+        mta = config.local_mta
+        if mta is None:
+            self._gate = None
+        elif self._gate is None or (self._gate.target, self._gate.max_wait) != (mta.address,
+                                                                                 mta.max_wait):
+            self._gate = Gate(mta.address, mta.max_wait)
+
+    def _expected(self) -> egress.Expected:
+        watcher = self._watcher
+        return egress.Expected(
+            iface=lambda: watcher.verdict.iface if watcher is not None else None,
+            patterns=tuple(self.config.watch.interfaces),
+            addresses=watcher.addresses if watcher is not None else lambda _n, _f: [])
 
     def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
         for label, task in list(self._tasks.items()):
@@ -292,6 +322,7 @@ class Daemon:
             self._status.pop(label, None)
             self._wake.pop(label, None)
         self.config = new
+        self._set_gate(new)
         if new.watch != old.watch and self._watcher is not None:
             self._watcher.reconfigure(new.watch)
         if new.repeat != old.repeat:
@@ -317,6 +348,11 @@ class Daemon:
             link_since=self.link_since, rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys()))
+        if self._gate is not None:
+            doc["local_mta"] = self._gate.as_dict()
+            for relay in doc["relays"]:
+                if relay["name"] in self._gate.waiting:
+                    relay["state"] = "waiting-local-mta"
         # The stall detector's view: steps of the loop longer than threshold_ms.
         doc["loop"] = {"stalls": self.stalls.stalls,
                        "threshold_ms": round(self.stalls.threshold * 1000),
@@ -326,8 +362,11 @@ class Daemon:
     def summary(self) -> str:
         """The one-line STATUS= that `systemctl status etrnd` shows."""
         watcher = self._watcher
-        return status_doc.summary(bool(watcher and watcher.up), self.config.relays, self._status,
-                                  self._tasks.keys())
+        line = status_doc.summary(bool(watcher and watcher.up), self.config.relays,
+                                  self._status, self._tasks.keys())
+        if self._gate is not None and self._gate.waiting:
+            line += f"; waiting for the local MTA {self._gate.target}"
+        return line
 
     def _publish(self) -> None:
         self.notifier.status(self.summary())

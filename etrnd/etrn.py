@@ -12,7 +12,7 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
 
-from etrnd import offloop
+from etrnd import egress, offloop
 from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_etrn_argument, default_helo
 from etrnd.logs import get_logger
@@ -193,6 +193,8 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
     try:
         if relay.tls != "none":
             smtp.tls_context = await tls_context_off_loop(relay.verify)
+        # The route to the relay, checked against the link that is up (etrnd.egress).
+        smtp.source_address = await egress.source_for(relay, host, relay.timeout)
         # aiosmtplib resolves `host` with the loop's getaddrinfo (in the executor) under
         # `timeout`: a hung name server costs this session its timeout, not the loop.
         await smtp.connect()

@@ -6,9 +6,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from etrnd.config import Relay, Retry, check_atrn_domain, check_etrn_argument
+from etrnd import egress
+from etrnd.config import Config, Relay, Retry, check_atrn_domain, check_etrn_argument
 from etrnd.etrn import resolve_helo
 from etrnd.logs import configure
+from etrnd.mtagate import Gate
 from etrnd.offloop import ThreadPerCall
 from etrnd.preflight import EXIT_CONFIG, load_or_report
 from etrnd.rounds import RoundResult, run_all
@@ -49,12 +51,18 @@ def _err(message: str) -> None:
 
 
 async def _send(relays: Sequence[Relay], retry: Retry,
-                args: tuple[str, ...] | None) -> list[RoundResult]:
+                args: tuple[str, ...] | None, config: Config | None = None) -> list[RoundResult]:
     # A lookup hung on a dead name server must not hold up the exit (see offloop).
     asyncio.get_running_loop().set_default_executor(ThreadPerCall())
     if any(r.helo is None for r in relays):
         await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name
-    return await run_all(relays, retry, args)
+    # No watcher here: the route to each relay is checked against the link state read once,
+    # by the daemon's own rules (etrnd.egress.expected_now).
+    expected = await egress.expected_now(config.watch) if config is not None else None
+    if config is not None and config.local_mta is not None:
+        await Gate(config.local_mta.address, config.local_mta.max_wait).ready("send")
+    with egress.expecting(expected):
+        return await run_all(relays, retry, args)
 
 
 def send_command(path: str | None, relay: str | None, args: list[str],
@@ -79,7 +87,7 @@ def send_command(path: str | None, relay: str | None, args: list[str],
             return EXIT_CONFIG
     configure("debug" if debug else config.log.level, config.log.format)
     try:
-        results = asyncio.run(_send(relays, config.retry, tuple(args) or None))
+        results = asyncio.run(_send(relays, config.retry, tuple(args) or None, config))
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED

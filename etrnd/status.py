@@ -99,6 +99,11 @@ def render(status: dict[str, Any]) -> str:
         f"rounds started: {status.get('rounds_started', 0)}, "
         f"last {status.get('last_round') or '-'}",
     ]
+    mta = status.get("local_mta")
+    if mta:
+        lines.append(f"local MTA {mta.get('address')}: {mta.get('state')}"
+                     + (f" since {mta['since']}" if mta.get("since") else "")
+                     + (f" ({mta['error']})" if mta.get("error") else ""))
     for relay in status.get("relays", []):
         nxt = relay.get("next_try")
         lines.append(

@@ -80,6 +80,10 @@ class LinkWatcher:
     def verdict(self) -> Verdict:
         return self._verdict
 
+    def addresses(self, name: str, family: int) -> list[str]:
+        """Usable global addresses of an interface (for a session's source address)."""
+        return self._state.addresses(name, family)
+
     @property
     def resyncs(self) -> int:
         """How many times the socket overflowed (or failed) and the state was re-read."""
