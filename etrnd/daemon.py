@@ -59,6 +59,7 @@ class Daemon:
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
         self._gate: Gate | None = None
+        self._router = egress.Router()  # route look-ups before sessions, one socket kept
         self._set_gate(config)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class Daemon:
         try:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
+            await self._router.warm()
             watch = self._spawn(self._follow_link(self._watcher))
             self._spawn(self._watchdog())
             self._restart_repeat()
@@ -124,6 +126,7 @@ class Daemon:
             await self._control.close()
         # STOPPING=1 to a supervisor that is not reading: try until the grace period is over.
         await self.notifier.drain(max(0.05, deadline - loop.time()))
+        self._router.close()
         self.notifier.close()
 
     def on_stall(self, stall: Stall) -> None:
@@ -254,7 +257,8 @@ class Daemon:
         return egress.Expected(
             iface=lambda: watcher.verdict.iface if watcher is not None else None,
             patterns=tuple(self.config.watch.interfaces),
-            addresses=watcher.addresses if watcher is not None else lambda _n, _f: [])
+            addresses=watcher.addresses if watcher is not None else lambda _n, _f: [],
+            router=self._router)
 
     def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
         for label, task in list(self._tasks.items()):

@@ -38,6 +38,7 @@ class Expected:
     iface: Callable[[], str | None]
     patterns: tuple[str, ...]
     addresses: Addresses
+    router: Router
 
     def allows(self, name: str | None) -> bool:
         want = self.iface()
@@ -89,7 +90,9 @@ def choose(mode: str, route: Route, expected: Expected,
       (a policy rule, `ip rule add from ADDR table N`); binding otherwise would send that
       address out of the wrong line, where the ISP's ingress filter drops it.
     """
-    ok = expected.allows(route.iface)
+    # A relay on this machine (a test, a local smarthost) is reached over loopback: there
+    # is no line to choose, so nothing to warn about.
+    ok = route.iface == "lo" or expected.allows(route.iface)
     if mode not in ("auto", "kernel"):
         return Choice(mode, not ok, "source: configured address")
     if ok:
@@ -109,20 +112,48 @@ def choose(mode: str, route: Route, expected: Expected,
     return Choice(addrs[0], True, f"sending from {addrs[0]}, which is routed through {want}")
 
 
-async def _route_get(ipr: Any, dst: str, src: str | None = None) -> str | None:
-    kwargs: dict[str, Any] = {"dst": dst}
-    if src is not None:
-        kwargs["src"] = src
-    try:
-        msgs = await ipr.route("get", **kwargs)
-    except Exception:  # ENETUNREACH and friends: no route at all (connect will say so)
+class Router:
+    """One rtnetlink socket for route look-ups, opened on first use and kept: a look-up on
+    it costs well under a millisecond, opening one costs more than a loopback session."""
+
+    def __init__(self) -> None:
+        self._ipr: Any = None
+        self._lock: asyncio.Lock | None = None
+
+    async def via(self, dst: str, src: str | None = None) -> str | None:
+        """The interface the kernel would send a packet to `dst` (from `src`) through."""
+        from pyroute2 import AsyncIPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            if self._ipr is None:
+                self._ipr = AsyncIPRoute()
+            kwargs: dict[str, Any] = {"dst": dst} if src is None else {"dst": dst, "src": src}
+            try:
+                msgs = await self._ipr.route("get", **kwargs)
+            except NetlinkError:
+                return None  # ENETUNREACH and friends: no route (connect will say so)
+            except BaseException:
+                self.close()  # a socket that failed keeps failing: the next call reopens
+                raise
+        for msg in msgs:
+            oif = msg.get("RTA_OIF")
+            if oif:
+                with contextlib.suppress(OSError):
+                    return socket.if_indextoname(int(oif))
         return None
-    for msg in msgs:
-        oif = msg.get("RTA_OIF")
-        if oif:
+
+    async def warm(self) -> None:
+        """Open the socket and run the decoding path once, so the first round pays nothing."""
+        with contextlib.suppress(Exception):
+            await self.via("127.0.0.1")
+
+    def close(self) -> None:
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
             with contextlib.suppress(OSError):
-                return socket.if_indextoname(int(oif))
-    return None
+                ipr.close()
 
 
 async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] | None:
@@ -153,24 +184,24 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
 
 async def _check(relay: Relay, host: str, mode: str,
                  expected: Expected) -> tuple[Choice, Route | None]:
-    from pyroute2 import AsyncIPRoute
-
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, relay.effective_port, type=socket.SOCK_STREAM)
-    if not infos:
-        return Choice(None, False, "no address"), None
-    family, dst = int(infos[0][0]), str(infos[0][4][0])
-    ipr = AsyncIPRoute()
     try:
-        route = Route(dst, family, await _route_get(ipr, dst))
-        choice = choose(mode, route, expected, lambda _: None)
-        if choice.mismatch and mode == "auto" and expected.iface() is not None:
-            addrs = expected.addresses(expected.iface() or "", family)
-            via = await _route_get(ipr, dst, addrs[0]) if addrs else None
-            choice = choose(mode, route, expected, lambda _: via)
-        return choice, route
-    finally:
-        ipr.close()
+        family = int(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        socket.inet_pton(family, host)
+        dst = host  # an address: no look-up (and no thread) needed
+    except OSError:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, relay.effective_port, type=socket.SOCK_STREAM)
+        if not infos:
+            return Choice(None, False, "no address"), None
+        family, dst = int(infos[0][0]), str(infos[0][4][0])
+    route = Route(dst, family, await expected.router.via(dst))
+    choice = choose(mode, route, expected, lambda _: None)
+    want = expected.iface()
+    if choice.mismatch and mode == "auto" and want is not None:
+        addrs = expected.addresses(want, family)
+        via = await expected.router.via(dst, addrs[0]) if addrs else None
+        choice = choose(mode, route, expected, lambda _: via)
+    return choice, route
 
 
 async def expected_now(watch: Watch) -> Expected | None:
@@ -198,8 +229,9 @@ async def expected_now(watch: Watch) -> Expected | None:
     assert isinstance(snapshot, Snapshot)
     state.apply(snapshot)
     iface = state.verdict().iface
-    return Expected(lambda: iface, tuple(watch.interfaces), state.addresses)
+    return Expected(lambda: iface, tuple(watch.interfaces), state.addresses,
+                    Router())
 
 
-__all__ = ["EXPECTED", "Choice", "Expected", "Route", "choose", "expected_now", "expecting",
-           "source_for"]
+__all__ = ["EXPECTED", "Choice", "Expected", "Route", "Router", "choose", "expected_now",
+           "expecting", "source_for"]
