@@ -28,6 +28,8 @@ log = get_logger()
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
+# ... and a supervisor that does not read its notify socket gets this long for STOPPING=1.
+STOP_NOTIFY_DRAIN = 0.2
 # Reading the config (and the secrets it names) at reload runs off the loop; a file system
 # that hangs (a dead NFS server) fails the reload after this long, keeping the old config.
 RELOAD_READ_TIMEOUT = 10.0
@@ -124,8 +126,8 @@ class Daemon:
             await self._watcher.close()
         if self._control is not None:
             await self._control.close()
-        # STOPPING=1 to a supervisor that is not reading: try until the grace period is over.
-        await self.notifier.drain(max(0.05, deadline - loop.time()))
+        # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
+        await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
         self._router.close()
         self.notifier.close()
 

@@ -67,6 +67,7 @@ class Notifier:
         self._pending: list[Message] = []
         self._retry: asyncio.TimerHandle | None = None
         self._delay = RETRY_FIRST
+        self._stuck = False
         self._empty = asyncio.Event()
         self.coalesced = 0  # messages replaced or given up while the supervisor did not read
         self.lost = 0  # messages the socket refused outright (supervisor gone)
@@ -95,7 +96,6 @@ class Notifier:
         if self._sock is None:
             self._sock = socket.socket(
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        was_stuck = self._delay > RETRY_FIRST
         while self._pending:
             try:
                 self._sock.sendto("\n".join(self._pending[0]).encode(), self._address)
@@ -107,7 +107,8 @@ class Notifier:
                 self.lost += 1
             del self._pending[0]
         self._empty.set()
-        if was_stuck:
+        if self._stuck:
+            self._stuck = False
             get_logger().info("notify_socket_drained", coalesced=self.coalesced)
         self._delay = RETRY_FIRST
 
@@ -116,7 +117,8 @@ class Notifier:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (yet): the next notify() tries again
-        if self._delay == RETRY_FIRST:
+        if not self._stuck:
+            self._stuck = True
             get_logger().warning("notify_socket_full", pending=len(self._pending),
                                  policy="STATUS coalesced; READY/RELOADING/STOPPING kept in order")
         self._empty.clear()
@@ -127,6 +129,10 @@ class Notifier:
         """Wait up to `within` s for queued messages to go out; True when none is left."""
         if not self._pending:
             return True
+        if self._retry is not None:  # try now and often, not at the backed-off retry time
+            self._retry.cancel()
+            self._delay = RETRY_FIRST
+            self._flush()
         try:
             async with asyncio.timeout(within):
                 await self._empty.wait()
