@@ -60,12 +60,15 @@ class AttemptResult:
 class SendAttempt(Protocol):
     """One attempt on `relay` for `args`: every host in turn until the arguments are answered.
 
-    Calls `on_host` before each host and `on_reply` as each argument is answered; only
+    Calls `on_host` before each host and `on_reply` as each argument is answered, and counts
+    each message that comes over the connection (ODMR) into `messages` as soon as it is
+    settled, so the count survives a cancel and `etrnd status` sees it live. Only
     CancelledError escapes (sessions are closed first).
     """
 
     def __call__(self, relay: Relay, args: Sequence[str], *, attempt: int,
-                 on_host: OnHost, on_reply: OnReply) -> Awaitable[AttemptResult]:
+                 on_host: OnHost, on_reply: OnReply,
+                 messages: Messages) -> Awaitable[AttemptResult]:
         ...
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
 
 from etrnd import egress, offloop
-from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
+from etrnd.attempt import AttemptResult, Messages, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_etrn_argument, default_helo
 from etrnd.logs import get_logger
 from etrnd.replies import (
@@ -263,9 +263,11 @@ async def _etrn(smtp: SMTP, arg: str, attempt: int, log: Any) -> Verdict:
 
 
 async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
-                  on_host: OnHost = ignore_host,
-                  on_reply: OnReply = ignore_reply) -> AttemptResult:
+                  on_host: OnHost = ignore_host, on_reply: OnReply = ignore_reply,
+                  messages: Messages | None = None) -> AttemptResult:
     """Send ETRN for `args` to the relay: hosts in order, a new session every few arguments.
+
+    `messages` stays untouched: the mail an ETRN starts arrives on connections of its own.
 
     Connect, TLS, time-out and protocol failures move on to the next host with the arguments
     still unanswered; a reply (even 4xx) does not, since that host did answer.

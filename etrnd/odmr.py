@@ -10,7 +10,7 @@ from typing import Any
 from aiosmtplib import SMTP, SMTPAuthenticationError
 
 from etrnd import turnaround
-from etrnd.attempt import AttemptResult, OnHost, OnReply, ignore_host, ignore_reply
+from etrnd.attempt import AttemptResult, Messages, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_atrn_domain
 from etrnd.etrn import (
     _describe,
@@ -102,7 +102,7 @@ def _after_turnaround(got: turnaround.Turnaround, elapsed_ms: float) -> Verdict:
 
 
 async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: AttemptResult,
-                log: Any, attempt: int) -> tuple[Verdict, bool]:
+                log: Any, attempt: int, live: Messages | None) -> tuple[Verdict, bool]:
     """ATRN for `batch`; on 250 the roles reverse and this returns once the provider is done.
 
     Returns the verdict for the batch's domains and whether the line was turned around (the
@@ -126,7 +126,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
     local = LocalMta(relay.effective_deliver_to, helo, relay.timeout, log.bind(leg="local"))
     got = await turnaround.receive(smtp.transport, local, hostname=helo,
                                    idle_timeout=relay.timeout, log=log,
-                                   transcript=smtp.transcript)
+                                   transcript=smtp.transcript, live=live)
     result.messages.add(got.messages)
     elapsed_ms = (time.monotonic() - started) * 1000
     verdict = _after_turnaround(got, elapsed_ms)
@@ -140,7 +140,8 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
 
 async def session(relay: Relay, host: str, batches: Sequence[list[str]],
                   result: AttemptResult, *, attempt: int = 1,
-                  on_reply: OnReply = ignore_reply) -> Verdict | None:
+                  on_reply: OnReply = ignore_reply,
+                  messages: Messages | None = None) -> Verdict | None:
     """One connection to `host`: EHLO, STARTTLS per policy, AUTH, then ATRN per batch.
 
     Answers go into `result.replies` per domain as they arrive. After a 250 the provider owns
@@ -170,7 +171,8 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
             if not valid:
                 continue
             turned = True  # from here on the provider may take the connection over
-            verdict, turned = await _atrn(smtp, relay, valid, result, log, attempt)
+            verdict, turned = await _atrn(smtp, relay, valid, result, log, attempt,
+                                          messages)
             for domain in valid:
                 result.replies[domain] = verdict
                 on_reply(domain, verdict)
@@ -227,8 +229,8 @@ def _checked(batch: list[str], result: AttemptResult, on_reply: OnReply, log: An
 
 
 async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
-                  on_host: OnHost = ignore_host,
-                  on_reply: OnReply = ignore_reply) -> AttemptResult:
+                  on_host: OnHost = ignore_host, on_reply: OnReply = ignore_reply,
+                  messages: Messages | None = None) -> AttemptResult:
     """ATRN for the domains `args` on the relay: hosts in order, sessions until all answered.
 
     Connect, TLS, AUTH-4xx, time-out and protocol failures move on to the next host with the
@@ -242,7 +244,7 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
         stop: Verdict | None = None
         while todo:
             stop = await session(relay, host, atrn_batches(todo), result, attempt=attempt,
-                                 on_reply=on_reply)
+                                 on_reply=on_reply, messages=messages)
             todo = [d for d in todo if d not in result.replies]
             if stop is not None:
                 break

@@ -132,8 +132,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
             for arg in todo:
                 status.args[arg].attempts += 1
             result = await send(relay, todo, attempt=status.attempts, on_host=on_host,
-                                on_reply=on_reply)
-            status.messages.add(result.messages)
+                                on_reply=on_reply, messages=status.messages)
             todo, reason = _settle(status, todo, result, wall())
             if not todo:
                 break

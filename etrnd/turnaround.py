@@ -53,10 +53,12 @@ class Relaying:
     message, and a 4xx/5xx of the office MTA as the same class: it keeps what was not taken.
     """
 
-    def __init__(self, local: LocalMta, log: Any, result: Turnaround) -> None:
+    def __init__(self, local: LocalMta, log: Any, result: Turnaround,
+                 live: Messages | None = None) -> None:
         self.local = local
         self.log = log
         self.result = result
+        self.live = live  # the round's counts, kept current (see attempt.SendAttempt)
         self.server: Receiver | None = None
         self._txn: _Transaction | None = None
 
@@ -139,8 +141,9 @@ class Relaying:
 
     def _count(self, outcome: str, reply: Reply, *, size: int, sender: str, recipients: int,
                offered: int) -> None:
-        counts = self.result.messages
-        setattr(counts, outcome, getattr(counts, outcome) + 1)
+        for counts in (self.result.messages, self.live):
+            if counts is not None:
+                setattr(counts, outcome, getattr(counts, outcome) + 1)
         level = self.log.info if outcome == "relayed" else self.log.warning
         level("odmr_message", size=size, sender=clean_text(sender, 200) or "<>",
               recipients=recipients, offered_recipients=offered, code=reply.code,
@@ -202,15 +205,17 @@ class Receiver(SMTPServer):
 
 async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname: str,
                   idle_timeout: float, log: Any,
-                  transcript: Transcript | None = None) -> Turnaround:
+                  transcript: Transcript | None = None,
+                  live: Messages | None = None) -> Turnaround:
     """Greet (220) on `transport` and serve the provider until it leaves; see Turnaround.
 
+    Each message is also counted into `live` (the round's counts) as soon as it is settled.
     The provider may stay silent for `idle_timeout` seconds at most, and keep the connection
     for MAX_TURNAROUND seconds in all. Only CancelledError
     escapes; the connection and the office MTA's are closed either way.
     """
     result = Turnaround()
-    handler = Relaying(local, log, result)
+    handler = Relaying(local, log, result, live)
     server = Receiver(handler, hostname, idle_timeout, transcript)
     transport.set_protocol(server)
     server.connection_made(transport)

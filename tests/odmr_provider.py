@@ -39,7 +39,8 @@ class Provider:
     queue: list[Message] = field(default_factory=list)
     atrn_replies: list[str] = field(default_factory=list)  # default: 250 / 453 by the queue
     mechanisms: str = "PLAIN LOGIN CRAM-MD5"
-    after_turnaround: str = "deliver"  # deliver | stall | drop_after_first | trickle
+    # deliver | stall | drop_after_first | stall_after_first | trickle
+    after_turnaround: str = "deliver"
     stop_on_451: bool = True  # Exim: one 451 from the customer ends the ATRN session
     quit_with_fin: bool = True  # Exim: QUIT and FIN together, no wait for 221
     tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
@@ -51,6 +52,7 @@ class Provider:
     port: int = 0
     after_quit: bytes = b""  # what the customer still sent after the provider's QUIT
     greeted: asyncio.Event = field(default_factory=asyncio.Event)  # the customer's 220 came
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)  # a 250 after DATA came
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def _line(self, reader: asyncio.StreamReader) -> str:
@@ -167,6 +169,8 @@ class Provider:
             if self.after_turnaround == "drop_after_first" and n == 1:
                 writer.transport.abort()
                 return
+            if self.after_turnaround == "stall_after_first" and n == 1:
+                await asyncio.Event().wait()
             code = await self._transaction(message, reader, writer)
             if code == 451 and self.stop_on_451:
                 break
@@ -214,6 +218,7 @@ class Provider:
         left = [r for r in message.rcpts if r not in accepted]
         if accepted:
             self.delivered.append(Message(message.sender, accepted, message.body))
+            self.confirmed.set()
         if code >= 500 and not accepted:
             self.bounced.append(message)
             self.queue.remove(message)

@@ -258,6 +258,22 @@ async def test_lmtp_one_recipient_per_transaction(tmp_path: Path) -> None:
         r for m in mails(2, rcpts=2) for r in m.rcpts)
 
 
+async def test_messages_count_live_and_survive_a_cancel(tmp_path: Path) -> None:
+    provider, office = Provider(queue=mails(3), after_turnaround="stall_after_first"), Office()
+    async with serving(provider, office) as (port, office_port):
+        relay, retry = relay_for(tmp_path, port, office_port, timeout="30s")
+        status = RelayStatus("isp")
+        task = asyncio.create_task(run_round(relay, retry, None, status, sleep=no_sleep))
+        # etrnd counts a message before it says 250 to the provider
+        await asyncio.wait_for(provider.confirmed.wait(), 10)
+        assert status.running and status.messages.relayed == 1  # while the round runs
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    assert (status.running, status.messages.relayed) == (False, 1)
+    assert len(provider.queue) == 2
+
+
 async def test_cancel_during_turnaround_closes_and_keeps_the_queue(tmp_path: Path) -> None:
     provider = Provider(queue=mails(2), after_turnaround="stall")
     async with serving(provider, Office()) as (port, office_port):
