@@ -9,7 +9,7 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError
 
-from etrnd import turnaround
+from etrnd import egress, turnaround
 from etrnd.attempt import AttemptResult, Messages, OnHost, OnReply, ignore_host, ignore_reply
 from etrnd.config import Relay, check_atrn_domain
 from etrnd.etrn import (
@@ -158,7 +158,7 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     turned = False
     try:
-        await _connect(smtp, relay)
+        await _connect(smtp, relay, host)
         tls = await _secure(smtp, relay, host, log)
         log.info("odmr_session", port=relay.effective_port, tls=tls, attempt=attempt)
         if tls != "none" and not relay.verify:
@@ -204,10 +204,12 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
             await _goodbye(smtp, quit_timeout)
 
 
-async def _connect(smtp: TranscriptSMTP, relay: Relay) -> None:
-    """Open the connection as ETRN sessions do; the place for a source address (`source:`)."""
+async def _connect(smtp: TranscriptSMTP, relay: Relay, host: str) -> None:
+    """Open the connection as ETRN sessions do: route checked, from the `source:` address."""
     if relay.tls != "none":
         smtp.tls_context = await tls_context_off_loop(relay.verify)  # reads the trust store
+    # The provider sees the office over the link that is up (etrnd.egress), as for ETRN.
+    smtp.source_address = await egress.source_for(relay, host, relay.timeout)
     await smtp.connect()
 
 

@@ -49,6 +49,7 @@ class Provider:
     delivered: list[Message] = field(default_factory=list)
     bounced: list[Message] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # every line both ways, for assertions
+    peers: list[str] = field(default_factory=list)  # the customer's address, per session
     port: int = 0
     after_quit: bytes = b""  # what the customer still sent after the provider's QUIT
     greeted: asyncio.Event = field(default_factory=asyncio.Event)  # the customer's 220 came
@@ -78,6 +79,7 @@ class Provider:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self.peers.append(writer.get_extra_info("peername")[0])
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):

@@ -110,6 +110,15 @@ async def test_starttls_then_plain_and_the_turnaround_stays_encrypted(
     assert any(line.startswith("250") for line in provider.tls_log[3:])
 
 
+async def test_sessions_leave_from_the_source_address(tmp_path: Path) -> None:
+    provider = Provider(queue=mails(1))
+    async with serving(provider, Office()) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port)
+        relay = relay.model_copy(update={"source": "127.0.0.2"})
+        result = await odmr.attempt(relay, relay.etrn)
+    assert result.messages.relayed == 1 and provider.peers == ["127.0.0.2"]
+
+
 async def test_cram_md5_without_tls_and_nothing_in_clear(tmp_path: Path) -> None:
     provider = Provider(queue=mails(1))
     async with serving(provider, Office()) as (port, office_port):
