@@ -132,8 +132,10 @@ class Daemon:
         self.notifier.close()
 
     def on_stall(self, stall: Stall) -> None:
+        # `where`: the loop thread's innermost frames while it was stuck, when sampled.
+        where = {"where": stall.where} if stall.where else {}
         log.warning("event_loop_stalled", duration_ms=round(stall.duration * 1000, 1),
-                    threshold_ms=round(self.stalls.threshold * 1000), where=stall.where or None)
+                    threshold_ms=round(self.stalls.threshold * 1000), **where)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
