@@ -130,6 +130,7 @@ def test_a_notify_socket_nobody_reads_stalls_nothing(wan: Wan, tmp_path: Path,
         # README); on a loaded CI machine only a real stall may fail this test.
         assert max(probe.latencies) < 1.0, probe.summary()
         assert not stalls(daemon), stalls(daemon)
+        assert probe.last["loop"]["longest_step_ms"] > 0  # the detector did time the steps
         print(probe.summary())
         if kind == "abstract":  # the supervisor never reads again: SIGTERM still ends it
             code, took = daemon.stop()
