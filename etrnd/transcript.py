@@ -86,7 +86,6 @@ class Transcript:
         self._auth: Direction | None = None  # the side inside an AUTH exchange
         self._body: dict[Direction, int | None] = {"send": None, "recv": None}  # bytes so far
         self._midline: dict[Direction, bool] = {"send": False, "recv": False}  # body only
-        self._data_cmd: dict[Direction, bool] = {"send": False, "recv": False}
         self._tokens: set[str] = set()  # redacted AUTH tokens, hidden wherever they reappear
 
     def sent(self, data: bytes, tls: str) -> None:
@@ -130,8 +129,6 @@ class Transcript:
         elif text[:5].upper() == "AUTH ":
             self._auth = way
             text = self._redact_auth_command(text)
-        elif text.upper() == "DATA":
-            self._data_cmd[way] = True
         elif _reply_code(text) is not None:
             self._on_reply(way, text)
         self._emit(way, self._hide_tokens(text), tls)
@@ -142,10 +139,10 @@ class Transcript:
         peer = _OTHER[way]
         if last and self._auth == peer and code != 334:
             self._auth = None  # AUTH over (235, 5xx...): the peer's lines are plain again
-        if last and code == 354 and self._data_cmd[peer]:
-            self._body[peer] = 0  # the peer now sends the message itself
-        if last:
-            self._data_cmd[peer] = False
+        if last and code == 354:
+            # 354 answers DATA and nothing else: the peer now sends the message itself. Not
+            # waiting to have seen the DATA line errs on the side of logging less.
+            self._body[peer] = 0
 
     def _redact_auth_command(self, text: str) -> str:
         parts = text.split(" ")
@@ -172,7 +169,7 @@ class Transcript:
 
     def _emit(self, way: Direction, text: str, tls: str, **extra: Any) -> None:
         event = "smtp_send" if way == "send" else "smtp_recv"
-        self._log.debug(event, line=clean_text(text, MAX_LINE) or '""', tls=tls, **extra)
+        self._log.debug(event, line=clean_text(text, MAX_LINE), tls=tls, **extra)
 
 
 def _reply_code(text: str) -> int | None:
