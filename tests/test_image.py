@@ -278,6 +278,8 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
                                          if e["event"] == "round_done"], 30,
                                 "round_done from `logs -f`")
                 assert done[0]["accepted"] == ["@example.org"]
+                starts = [e for e in events("".join(followed)) if e["event"] == "round_start"]
+                assert [e["reason"] for e in starts] == ["link_up"]
             finally:
                 follow.terminate()
                 follow.wait(10)
