@@ -173,6 +173,26 @@ def test_office_451_keeps_the_message_at_the_provider_until_the_next_round(
         assert lab.exim.queued_recipients() == others()
 
 
+def test_provider_dropping_after_the_turnaround_is_transient_exit_4(tmp_path: Path) -> None:
+    # A real drop: Exim accepts ATRN, then finds its only message still in retry time (the
+    # office deferred it a moment ago; the lab's rule says 1 h) and closes the connection
+    # right after our 220. The message stays at the provider; etrnd retries, then exits 4.
+    with odmr_lab(tmp_path, wan_up=True, retry_interval="1h") as lab:
+        lab.queue_mail(1, domains=ASKED[:1])
+        lab.mta.defer(f"user0@{ASKED[0]}")
+        res = lab.etrnd("send", "-c", str(lab.config(
+            domains=ASKED[:1], retry="{first_delay: 200ms, max_delay: 500ms, give_up_after: 2s}")))
+        assert res.returncode == 4, res.stderr[-3000:]
+        done = events(res.stderr, "odmr_done")
+        assert (done[0]["deferred"], done[0]["ended"]) == (1, "quit"), done
+        assert len(done) >= 2, done  # retried
+        assert {(d["relayed"], d["ended"]) for d in done[1:]} == {(0, "dropped")}, done
+        assert "0 relayed, 0 refused, 1 deferred" in res.stdout
+        assert lab.exim.queued_recipients() == [f"user0@{ASKED[0]}"]
+        assert lab.exim.log().count("retry time not reached") >= 1
+        assert lab.mta.count() == 0
+
+
 def test_provider_stalling_after_the_turnaround_times_out_and_is_retried(
         lab: OdmrLab) -> None:
     lab.set_wan(True)
