@@ -142,8 +142,9 @@ def test_office_451_keeps_the_message_at_the_provider_until_the_next_round(
         tmp_path: Path) -> None:
     # Exim quirks (FIELD-NOTES): one 451 to a RCPT ends its whole ATRN session, the rest
     # staying queued; a message still in its retry time (the lab's rule: 2 s here) is skipped
-    # by the next ATRN, which then looks like a clean, complete session. So the message comes
-    # home in a later round: here the daemon polls every 3 s (`repeat`), as ODMR sites do.
+    # by the next ATRN, which then looks like a clean, complete session. So the message may
+    # only come home in a later round: here the daemon polls every 3 s (`repeat`), as ODMR
+    # sites do.
     with odmr_lab(tmp_path, retry_interval="2s") as lab:
         want = lab.queue_mail(PER_DOMAIN, not_asked=OTHERS)
         later = f"user3@{ASKED[0]}"  # the 7th message offered
@@ -168,7 +169,9 @@ def test_office_451_keeps_the_message_at_the_provider_until_the_next_round(
             done = daemon.events("odmr_done")
             assert sum(d["relayed"] for d in done) == N, done
             assert sum(d["deferred"] for d in done) >= 1, done
-            assert len(daemon.events("round_start")) >= 2
+            # It came in a later turnaround: the round's own retry if Exim's retry time had
+            # passed by then, else a repeat round.
+            assert len(done) >= 2, done
         assert lab.mta.received() == want  # every message exactly once
         assert lab.exim.queued_recipients() == others()
 
