@@ -59,7 +59,7 @@ def check_secrets(config: Config) -> list[Finding]:
     """Findings for every secret the config could not read here (a credential outside its unit).
 
     Such a credential is looked up where systemd would load it from: the unit's
-    `LoadCredential=NAME:FILE` (asked of systemctl, so drop-ins count). A missing FILE, an
+    `LoadCredential=NAME:FILE` (asked of systemd over D-Bus, so drop-ins count). A missing FILE, an
     empty or multi-line one, or no such LoadCredential= is a problem (the service could not
     start or authenticate); a FILE this user may not read, or no systemd, is only a note.
     """
