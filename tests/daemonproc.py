@@ -46,7 +46,9 @@ class Daemon:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        text = self.log_path.read_text(errors="replace")
+        # The daemon may be writing a line right now: only complete lines are events.
+        for line in text[:text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 event = json.loads(line)
                 if name is None or event.get("event") == name:
