@@ -83,10 +83,6 @@ class Exim:
         """Recipients Exim logged as delivered (`=>` lines) to the ODMR customer."""
         return re.findall(r" => (\S+) .*R=to_odmr_customer", self.log())
 
-    def deferred(self) -> list[str]:
-        """Recipients Exim logged as deferred (`==` lines)."""
-        return re.findall(r" == (\S+) ", self.log())
-
 
 def _render(address: str, domains: Sequence[str], retry_interval: str,
             command_timeout: str) -> str:
