@@ -12,8 +12,9 @@ from etrnd.replies import clean_text
 from etrnd.transcript import TranscriptSMTP
 
 QUIT_TIMEOUT = 2.0
-# MAIL parameters passed on when the office MTA advertises the extension (RFC 1870, 6152).
-_PASSED_ON = {"SIZE": "size", "BODY": "8bitmime"}
+# MAIL parameters passed on when the office MTA advertises the extension (RFC 1870, 6152,
+# 6531); the provider sees SMTPUTF8 offered, so internationalised mail is not bounced for us.
+_PASSED_ON = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class LocalMta:
         except (SMTPException, OSError, TimeoutError) as exc:
             await self.close()
             return unavailable(str(exc) or type(exc).__name__)
+        if "SMTPUTF8" in (o.upper() for o in options) and not smtp.supports_extension(
+                "smtputf8"):
+            return Reply(553, "5.6.7 the office MTA does not take SMTPUTF8 mail")
         params = [o.encode("ascii") for o in options
                   if (ext := _PASSED_ON.get(o.partition("=")[0].upper())) is not None
                   and smtp.supports_extension(ext) and o.isascii()]

@@ -171,7 +171,8 @@ class Receiver(SMTPServer):
     def __init__(self, handler: Relaying, hostname: str, timeout: float,
                  transcript: Transcript | None = None) -> None:
         super().__init__(handler, hostname=hostname, ident="etrnd ODMR", timeout=timeout,
-                         data_size_limit=DATA_SIZE_LIMIT, loop=asyncio.get_running_loop())
+                         data_size_limit=DATA_SIZE_LIMIT, enable_SMTPUTF8=True,
+                         loop=asyncio.get_running_loop())
         handler.server = self
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.timed_out = False

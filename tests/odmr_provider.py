@@ -27,6 +27,7 @@ class Message:
     sender: str
     rcpts: list[str]
     body: bytes = b"Subject: test\r\n\r\nhello\r\n.leading dot\r\n"
+    utf8: bool = False  # MAIL FROM with SMTPUTF8 (RFC 6531)
 
     def domain(self) -> str:
         return self.rcpts[0].rpartition("@")[2]
@@ -187,7 +188,8 @@ class Provider:
     async def _transaction(self, message: Message, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> int:
         """One message; returns the worst code seen. The queue keeps what was not taken."""
-        self._say(writer, f"MAIL FROM:<{message.sender}> SIZE={len(message.body)}")
+        utf8 = " SMTPUTF8" if message.utf8 else ""
+        self._say(writer, f"MAIL FROM:<{message.sender}> SIZE={len(message.body)}{utf8}")
         await writer.drain()
         code = await self._reply(reader)
         if code != 250:
@@ -219,7 +221,7 @@ class Provider:
     def _settle(self, message: Message, accepted: list[str], code: int) -> int:
         left = [r for r in message.rcpts if r not in accepted]
         if accepted:
-            self.delivered.append(Message(message.sender, accepted, message.body))
+            self.delivered.append(Message(message.sender, accepted, message.body, message.utf8))
             self.confirmed.set()
         if code >= 500 and not accepted:
             self.bounced.append(message)
@@ -235,9 +237,10 @@ class Office:
     """The office MTA (`deliver_to`): aiosmtpd, answering per recipient from a script."""
 
     def __init__(self, rcpt_replies: dict[str, list[str]] | None = None,
-                 data_reply: str | None = None) -> None:
+                 data_reply: str | None = None, utf8: bool = True) -> None:
         self.rcpt_replies = rcpt_replies or {}  # address -> replies to take in turn
         self.data_reply = data_reply
+        self.utf8 = utf8  # advertise SMTPUTF8
         self.received: list[Envelope] = []
 
     async def handle_RCPT(self, server: Any, session: Session, envelope: Envelope,
@@ -264,8 +267,9 @@ async def serving(provider: Provider, office: Office,
     loop = asyncio.get_running_loop()
     p_server = await asyncio.start_server(provider.handle, "127.0.0.1", 0)
     kind = LMTP if lmtp else SMTPServer
-    o_server = await loop.create_server(lambda: kind(office, hostname="office.test"),
-                                        "127.0.0.1", 0)
+    o_server = await loop.create_server(
+        lambda: kind(office, hostname="office.test", enable_SMTPUTF8=office.utf8),
+        "127.0.0.1", 0)
     provider.port = p_server.sockets[0].getsockname()[1]
     try:
         yield provider.port, o_server.sockets[0].getsockname()[1]

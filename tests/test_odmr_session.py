@@ -119,6 +119,24 @@ async def test_sessions_leave_from_the_source_address(tmp_path: Path) -> None:
     assert result.messages.relayed == 1 and provider.peers == ["127.0.0.2"]
 
 
+@pytest.mark.parametrize("office_utf8", [True, False])
+async def test_smtputf8_mail_passes_when_the_office_takes_it(tmp_path: Path,
+                                                           office_utf8: bool) -> None:
+    message = Message("jörg@fernweh.test", ["zoë@example.test"], utf8=True)
+    provider, office = Provider(queue=[message]), Office(utf8=office_utf8)
+    async with serving(provider, office) as (port, office_port):
+        relay, _ = relay_for(tmp_path, port, office_port)
+        result = await odmr.attempt(relay, relay.etrn)
+    if office_utf8:
+        assert result.messages.relayed == 1 and not provider.queue
+        assert (office.received[0].mail_from, office.received[0].rcpt_tos) == (
+            "jörg@fernweh.test", ["zoë@example.test"])
+        assert office.received[0].smtp_utf8
+    else:  # the provider returns it to the sender: nothing vanishes
+        assert result.messages.refused == 1 and provider.bounced == [message]
+        assert "C: 553 5.6.7 the office MTA does not take SMTPUTF8 mail" in provider.log
+
+
 async def test_cram_md5_without_tls_and_nothing_in_clear(tmp_path: Path) -> None:
     provider = Provider(queue=mails(1))
     async with serving(provider, Office()) as (port, office_port):
