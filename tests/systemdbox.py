@@ -58,8 +58,11 @@ class Machine:
         res = subprocess.run(self.argv(f"cd {cwd} && {script}", env), capture_output=True,
                              text=True, timeout=timeout, check=False)
         if check and res.returncode != 0:
+            journal = subprocess.run(self.argv("journalctl --no-pager -b -n 40 -o short-monotonic"),
+                                     capture_output=True, text=True, timeout=60, check=False)
             raise AssertionError(f"in the container: {script!r} exited {res.returncode}\n"
-                                 f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+                                 f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}\n"
+                                 f"journal:\n{journal.stdout}")
         return res
 
     def out(self, script: str, **kw: object) -> str:
