@@ -214,7 +214,9 @@ async def expected_now(watch: Watch) -> Expected | None:
     from etrnd.netlink import NetlinkSource
 
     state = LinkState(watch.interfaces, watch.up_when, watch.family)
-    source = NetlinkSource(route_iface=state.matches)
+    # One dump, no event stream to buffer: a small buffer, so an unprivileged `send` does not
+    # warn about the daemon's 8 MiB being capped by rmem_max.
+    source = NetlinkSource(route_iface=state.matches, rcvbuf=64 << 10)
     events = source.events()
     try:
         async with asyncio.timeout(5.0):
