@@ -162,7 +162,7 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
     Name resolution runs in the loop's executor and everything is bounded by `limit`
     (seconds): a slow check costs one session its check, never the loop.
     """
-    mode = getattr(relay, "source", "auto")
+    mode = relay.source
     expected = EXPECTED.get()
     if expected is None:  # no link knowledge here (a test calling a session directly)
         return (mode, 0) if mode not in ("auto", "kernel") else None
@@ -170,7 +170,7 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
     try:
         async with asyncio.timeout(limit):
             choice, route = await _check(relay, host, mode, expected)
-    except (TimeoutError, OSError) as exc:
+    except Exception as exc:  # time-out, resolver or netlink failure: the session goes on
         log.warning("etrn_egress_unchecked", error=type(exc).__name__, text=str(exc)[:200])
         return (mode, 0) if mode not in ("auto", "kernel") else None
     if route is not None and choice.mismatch:
