@@ -326,6 +326,10 @@ def test_reload_keeps_a_bad_config_and_uses_a_good_one(gw: Gateway) -> None:
     # At debug level the SMTP dialogue is logged, AUTH included: the secret in no form.
     sends = [e["MESSAGE"] for e in gw.events("smtp_send") if e["PRIORITY"] == "7"]
     assert any(m.startswith("smtp_send") and "AUTH" in m for m in sends), sends
+    # The README's debug-log queries find that dialogue.
+    for line in readme_block("Troubleshooting with debug logs", "journalctl"):
+        out = box.out(line.replace("journalctl", "journalctl --no-pager"))
+        assert "smtp_send" in out and "AUTH PLAIN <redacted>" in out, (line, out)
     export = box.out("journalctl --no-pager -o export")  # every field of every unit
     for form in (PASSWORD, base64.b64encode(f"\0office\0{PASSWORD}".encode()).decode(),
                  base64.b64encode(PASSWORD.encode()).decode()):
@@ -342,6 +346,10 @@ def test_send_from_an_ip_up_script(gw: Gateway) -> None:
     assert res.returncode == 0, res  # the current config: @example.org and @example.com
     assert [e["etrn"] for e in gw.relay.wait_etrns(sent + 2)[sent:]] == [
         "@example.org", "@example.com"]
+    # With -v (the README's debug advice) the dialogue shows, AUTH redacted.
+    res = gw.box.run(lines[0] + " -v")
+    assert "AUTH PLAIN <redacted>" in res.stderr + res.stdout and PASSWORD not in res.stderr, res
+    gw.relay.wait_etrns(sent + 4)
     # Without systemd-run there is no credential: refused, with the way out named.
     res = gw.box.run("etrnd send", check=False)
     assert res.returncode == 2 and "systemd-run" in res.stderr, res
