@@ -198,7 +198,10 @@ class LinkState:
 
     def _forget(self, index: int, *, addresses: bool) -> None:
         self._flush_nexthops(index)
-        self._routes = {r for r in self._routes if r.nhid is not None or index not in r.oifs}
+        # A route by nexthop id goes with its nexthop (flushed above); one whose nexthop we
+        # never saw is judged by the hops it carried, like any other route.
+        self._routes = {r for r in self._routes
+                        if index not in r.oifs or (r.nhid is not None and r.nhid in self._nexthops)}
         if addresses:
             self._addrs = {k: a for k, a in self._addrs.items() if a.index != index}
 
