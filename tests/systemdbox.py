@@ -27,13 +27,16 @@ def overlay(lower: Path, work: Path) -> Iterator[Path]:
     """`lower` (a cached root, never written) with a writable layer in `work`, mounted.
 
     Unlike nspawn --volatile=overlay it survives a reboot of the container; it is unmounted
-    and its upper layer left to `work`'s owner (a pytest tmp dir) at the end.
+    and its upper layer left to `work`'s owner (a pytest tmp dir) at the end. Raises OSError
+    when this kernel or file system cannot mount it.
     """
     upper, scratch, merged = work / "upper", work / "work", work / "root"
     for d in (upper, scratch, merged):
         d.mkdir(parents=True)
-    sh("mount", "-t", "overlay", "overlay", "-o",
-       f"lowerdir={lower},upperdir={upper},workdir={scratch}", str(merged))
+    mounted = sh("mount", "-t", "overlay", "overlay", "-o",
+                 f"lowerdir={lower},upperdir={upper},workdir={scratch}", str(merged), check=False)
+    if mounted.returncode != 0:
+        raise OSError(f"cannot mount an overlay file system: {mounted.stderr.strip()}")
     try:
         yield merged
     finally:
