@@ -39,9 +39,9 @@ def test_a_blocked_step_is_reported_with_where_it_was() -> None:
         loop.run_until_complete(main())
     finally:
         loop.close()
-    assert len(stalls) == 1, stalls
-    assert stalls[0].duration >= 0.35
-    assert "_blocking_callback" in stalls[0].where
+    # Exactly this one on an idle machine; a loaded one may add a descheduled step or two.
+    ours = [s for s in stalls if "_blocking_callback" in s.where]
+    assert len(ours) == 1 and ours[0].duration >= 0.35, stalls
     assert detector.longest >= 0.35
 
 
