@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,10 @@ PASSWORD = "s3cret-Adversary-must-not-see-in-logs"
 # does. Unbounded buffering of a 1 MB line or an endless reply would blow far past it.
 RSS_SLACK_KB = 12 * 1024
 STARTUP = 3.0  # interpreter + imports + config, generous for a loaded CI box
+# The round itself (first to last log line) may exceed its budget by this much on a loaded
+# machine; what these checks catch (a session waiting out a 5 s greeting, a 20 s step
+# timeout, a hang) is far beyond it.
+ROUND_SLACK = 1.5
 
 
 @dataclass
@@ -117,7 +122,12 @@ def baseline_rss() -> int:
 def assert_sane(run: Run, baseline_rss: int, max_elapsed: float) -> None:
     assert run.maxrss_kb < baseline_rss + RSS_SLACK_KB, (
         f"peak RSS {run.maxrss_kb} KiB vs {baseline_rss} KiB for a well-behaved server")
-    assert run.elapsed < max_elapsed + STARTUP, f"took {run.elapsed:.2f}s"
+    # Timed from the product's own log, not the process: interpreter start-up under load is
+    # not what these tests are about.
+    stamps = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+              for e in run.events if "timestamp" in e]
+    worked = max(stamps) - min(stamps)
+    assert worked < max_elapsed + ROUND_SLACK, f"the round took {worked:.2f}s"
 
 
 # --- transient failures: logged with their class, retried, and the retry succeeds ------------

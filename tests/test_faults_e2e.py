@@ -156,14 +156,13 @@ def test_link_flapping_while_the_relay_alternates_4xx_and_250(rig: Rig) -> None:
     rig.queue_while_down()
     mark = len(rig.log())
     started = rig.status()["rounds_started"]
-    # ~20 Hz for 3 s: each half-period is a transition the daemon must follow.
-    period, end, flips = 0.025, time.monotonic() + 3.0, 0
-    while time.monotonic() < end:
+    # 120 transitions at up to ~20 Hz (a loaded machine only makes them slower): each
+    # half-period is a transition the daemon must follow.
+    period = 0.025
+    for flips in range(120):
         tick = time.monotonic()
         rig.link(flips % 2 == 0)
-        flips += 1
         time.sleep(max(0.0, period - (time.monotonic() - tick)))
-    assert flips >= 100
     rig.final_link_up_delivers()
     assert rig.status()["rounds_started"] > started
     flaky = [e["code"] for e in rig.events("etrn_reply", mark) if e["relay"] == "flaky"]
