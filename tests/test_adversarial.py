@@ -45,7 +45,6 @@ PASSWORD = "s3cret-Adversary-must-not-see-in-logs"
 # Peak RSS of `etrnd send` may exceed a well-behaved run's by this much, whatever the server
 # does. Unbounded buffering of a 1 MB line or an endless reply would blow far past it.
 RSS_SLACK_KB = 12 * 1024
-STARTUP = 3.0  # interpreter + imports + config, generous for a loaded CI box
 # The round itself (first to last log line) may exceed its budget by this much on a loaded
 # machine; what these checks catch (a session waiting out a 5 s greeting, a 20 s step
 # timeout, a hang) is far beyond it.
