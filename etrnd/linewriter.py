@@ -32,7 +32,7 @@ class LineWriter:
         self._queue: collections.deque[str] = collections.deque()
         self._cond = threading.Condition()
         self._busy = False
-        self._dropping = False
+        self._partial = ""  # the start of a line whose end has not been written yet
         self.dropped = 0  # lines not yet reported by a notice
         self.dropped_total = 0
         threading.Thread(target=self._run, name="etrnd-log-writer", daemon=True).start()
@@ -40,16 +40,18 @@ class LineWriter:
 
     def write(self, text: str) -> int:
         with self._cond:
-            # print() writes the line, then "\n": keep or drop the two together.
-            if text == "\n" and self._dropping:
+            # Only whole lines are queued (print() writes the line, then "\n"): a drop notice
+            # must never land in the middle of one.
+            self._partial += text
+            end = self._partial.rfind("\n") + 1
+            if end == 0:
                 return len(text)
-            if len(self._queue) >= self._limit and text != "\n":
-                self._dropping = True
+            lines, self._partial = self._partial[:end], self._partial[end:]
+            if len(self._queue) >= self._limit:
                 self.dropped += 1
                 self.dropped_total += 1
                 return len(text)
-            self._dropping = False
-            self._queue.append(text)
+            self._queue.append(lines)
             self._cond.notify()
         return len(text)
 
