@@ -28,24 +28,26 @@ def exim_root() -> Path:
 
 @dataclass
 class Exim:
-    """A running Exim daemon (ports 25 and 366) in the ISP namespace, chrooted into a per-test
-    overlay of the cached root: its spool, log and config live in `upper`, nothing else moves.
+    """A running Exim daemon (ports 25 and 366) in the ISP namespace, chrooted into a
+    read-only bind mount of the cached root, with this test's own config (`conf`, on
+    /etc/exim4) and spool (`spool`, with the logs, on /var/spool/exim4) bound over it.
 
-    The overlay is mounted inside the mount namespace that `ip netns exec` gives the daemon,
-    so it vanishes with the daemon; commands reach it through `nsenter -m -t PID`.
+    The mounts live in the mount namespace that `ip netns exec` gives the daemon, so they
+    vanish with it and the shared root is never written; commands reach the daemon's view
+    through `nsenter -m -t PID`. (Binds, not overlayfs: they work on any file system.)
     """
 
     ns: Netns
     address: str
-    upper: Path
-    merged: Path
+    spool: Path
+    view: Path
     proc: subprocess.Popen[bytes]
 
     def exim(self, *args: str, stdin: str | None = None,
              check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run `exim4 -C CONF ARGS` inside the daemon's chroot (as root, like the daemon)."""
         cmd = ["nsenter", "-t", str(self.proc.pid), "-m", "-n",
-               "chroot", str(self.merged), "/usr/sbin/exim4", "-C", CONF, *args]
+               "chroot", str(self.view), "/usr/sbin/exim4", "-C", CONF, *args]
         res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60,
                              check=False)
         if check and res.returncode != 0:
@@ -76,7 +78,7 @@ class Exim:
                       if line.startswith(" ") and " " not in line.strip() and "@" in line)
 
     def log(self) -> str:
-        path = self.upper / "var/log/exim4/mainlog"
+        path = self.spool / "log" / "mainlog"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def delivered(self) -> list[str]:
@@ -134,20 +136,25 @@ def exim_provider(ns: Netns, workdir: Path, *, address: str,
     sid root cannot be built or Exim does not start.
     """
     root = exim_root()
-    upper, work, merged = workdir / "upper", workdir / "work", workdir / "merged"
-    for directory in (upper / "etc/exim4", upper / "var/log/exim4", work, merged):
+    conf, spool, view = workdir / "conf", workdir / "spool", workdir / "root"
+    for directory in (conf, spool / "log", view):
         directory.mkdir(parents=True, exist_ok=True)
     uid, gid = _exim_ids(root)
-    os.chown(upper / "var/log/exim4", uid, gid)
-    (upper / CONF.lstrip("/")).write_text(
-        _render(address, domains, retry_interval, command_timeout))
-    start = (f"mount -t overlay overlay -o lowerdir={root},upperdir={upper},workdir={work} "
-             f"{merged} && exec chroot {merged} /usr/sbin/exim4 -C {CONF} -bdf -oX 25:366")
+    for directory in (spool, spool / "log"):
+        os.chown(directory, uid, gid)
+    (conf / Path(CONF).name).write_text(_render(address, domains, retry_interval,
+                                                command_timeout))
+    start = " && ".join([
+        f"mount --bind {root} {view}", f"mount -o remount,bind,ro {view}",
+        f"mount --bind {conf} {view}{Path(CONF).parent}",
+        f"mount --bind {spool} {view}/var/spool/exim4",
+        f"exec chroot {view} /usr/sbin/exim4 -C {CONF} -oP /var/spool/exim4/exim.pid "
+        "-bdf -oX 25:366"])
     err = workdir / "exim.stderr"
     with err.open("wb") as stderr:
         proc = ns.popen("sh", "-c", start, stdin=subprocess.DEVNULL, stdout=stderr,
                         stderr=stderr)
-    instance = Exim(ns, address, upper, merged, proc)
+    instance = Exim(ns, address, spool, view, proc)
     try:
         wait_until(lambda: proc.poll() is not None or "daemon started" in instance.log(), 30,
                    "exim to start")
