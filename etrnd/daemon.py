@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class Daemon:
         self._control: ControlServer | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._repeat: asyncio.Task[None] | None = None
+        # Relays a trigger already served while a link-up round was owed (settle, or
+        # min_interval): that round, when it comes, leaves them out.
+        self._served_early: set[str] = set()
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
         self._gate: Gate | None = None
@@ -156,9 +159,11 @@ class Daemon:
             self.link_since = time.time()
         elif decision.kind == "down":
             self.link_since = time.time()
+            self._served_early.clear()
             self.cancel_rounds("link_down")
         else:
-            self.start_rounds(None, "link_up")
+            served, self._served_early = self._served_early, set()
+            self.start_rounds(None, "link_up", skip=served)
         self._publish()
 
     async def _watchdog(self) -> None:
@@ -189,11 +194,12 @@ class Daemon:
                 self.start_rounds(None, "repeat")
 
     # --- rounds ----------------------------------------------------------------------------
-    def start_rounds(self, only: str | None, reason: str) -> list[str]:
+    def start_rounds(self, only: str | None, reason: str,
+                     skip: Collection[str] = ()) -> list[str]:
         """Start a round on each relay (or one) that has none running; returns their names."""
         started: list[str] = []
         for relay in self.config.relays:
-            if only is not None and relay.label != only:
+            if (only is not None and relay.label != only) or relay.label in skip:
                 continue
             running = self._tasks.get(relay.label)
             if running is not None:
@@ -276,10 +282,24 @@ class Daemon:
             task.add_done_callback(self._closing.discard)
 
     def trigger(self, relay: str | None, reason: str) -> list[str]:
-        log.info("round_requested", relay=relay or "all", reason=reason)
+        took = self._take_pending(relay)
+        log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took)
         names = self.start_rounds(relay, reason)
         self._publish()
         return names
+
+    def _take_pending(self, relay: str | None) -> bool:
+        """A trigger while a link-up round is owed (settle) is that round, not one more: the
+        ISP would get every ETRN twice. True if the trigger took it (for all relays)."""
+        watcher = self._watcher
+        if watcher is None or watcher.round_due() is None:
+            return False
+        if relay is not None:
+            self._served_early.add(relay)
+            if not {r.label for r in self.config.relays} <= self._served_early:
+                return False  # the others still get theirs when it is due
+        self._served_early.clear()
+        return watcher.take_pending()
 
     # --- reload ----------------------------------------------------------------------------
     def request_reload(self) -> None:
@@ -355,7 +375,8 @@ class Daemon:
             link_up=bool(watcher and watcher.up), link_why=watcher.why if watcher else "",
             link_since=self.link_since, rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
-            statuses=self._status, running=self._tasks.keys()))
+            statuses=self._status, running=self._tasks.keys(),
+            round_due=watcher.round_due() if watcher else None))
         if self._gate is not None:
             doc["local_mta"] = self._gate.as_dict()
             for relay in doc["relays"]:

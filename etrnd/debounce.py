@@ -40,6 +40,25 @@ class Debouncer:
             at = max(at, self._last_round + self.min_interval)
         return at
 
+    def owed(self) -> tuple[float, str] | None:
+        """(clock time, what holds it back) of the owed round: "settle" or "min_interval"."""
+        due = self.due()
+        if due is None or self._up_since is None:
+            return None
+        return due, "settle" if due == self._up_since + self.settle else "min_interval"
+
+    def take_early(self, now: float) -> bool:
+        """A trigger takes the owed round before it is due (True if one was owed).
+
+        The round the trigger starts is that round: it counts as started at `now`, so the
+        settle timer starts no second one, and min_interval runs from here.
+        """
+        if self._up_since is None:
+            return False
+        self._last_round = now
+        self._up_since = None
+        return True
+
     def take_round(self, now: float) -> bool:
         """True (and the round counts as started) if a round is owed and due at `now`."""
         due = self.due()

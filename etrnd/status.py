@@ -33,6 +33,8 @@ class DaemonView:
     tasks: int  # asyncio tasks alive: soak tests watch that it does not grow
     statuses: Mapping[str, RelayStatus]
     running: Collection[str]  # relays with a round task
+    # The link-up round still owed: (seconds from now, "settle" | "min_interval").
+    round_due: tuple[float, str] | None = None
 
 
 def build(view: DaemonView) -> dict[str, Any]:
@@ -45,6 +47,8 @@ def build(view: DaemonView) -> dict[str, Any]:
                  "watching": list(config.watch.interfaces) or ["*"],
                  "up_when": config.watch.up_when},
         "rounds_started": view.rounds_started, "last_round": _iso(view.last_round),
+        "round_due": None if view.round_due is None else {
+            "in_s": round(view.round_due[0], 1), "reason": view.round_due[1]},
         "tasks": view.tasks,
         "relays": [relay_status(r, view.statuses.get(r.label), r.label in view.running)
                    for r in config.relays],
@@ -99,6 +103,9 @@ def render(status: dict[str, Any]) -> str:
         f"rounds started: {status.get('rounds_started', 0)}, "
         f"last {status.get('last_round') or '-'}",
     ]
+    due = status.get("round_due")
+    if due:
+        lines.append(f"round due in {due.get('in_s', 0):.1f} s ({due.get('reason', '?')})")
     mta = status.get("local_mta")
     if mta:
         lines.append(f"local MTA {mta.get('address')}: {mta.get('state')}"

@@ -89,6 +89,23 @@ class LinkWatcher:
         """How many times the socket overflowed (or failed) and the state was re-read."""
         return self._source.resyncs
 
+    def round_due(self) -> tuple[float, str] | None:
+        """(seconds from now, "settle" | "min_interval") of the link-up round still owed."""
+        owed = self._debounce.owed()
+        if owed is None:
+            return None
+        return max(0.0, owed[0] - self._clock()), owed[1]
+
+    def take_pending(self) -> bool:
+        """A trigger takes the owed link-up round now (True if one was owed): no `round`
+        decision follows for that link-up, so a trigger never means two rounds."""
+        if not self._debounce.take_early(self._clock()):
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return True
+
     def healthy(self) -> bool:
         """For the systemd watchdog: the reader is running and has read the state."""
         return (self._task is not None and not self._task.done()

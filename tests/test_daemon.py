@@ -44,9 +44,10 @@ def wan() -> Iterator[Wan]:
 
 def write_config(path: Path, wan: str, etrn: tuple[str, ...] = ("@example.test",),
                  retry: str = "{first_delay: 1s, max_delay: 1s, jitter: 0, give_up_after: 0}",
-                 log_format: str = "json") -> Path:
+                 log_format: str = "json", settle: str = "0s") -> Path:
     path.write_text(
-        f"watch: {{interfaces: [{wan}], up_when: carrier, settle: 0s, min_interval: 0s}}\n"
+        f"watch: {{interfaces: [{wan}], up_when: carrier, settle: {settle}, "
+        "min_interval: 0s}\n"
         "relays:\n"
         f"  - {{name: isp, host: 127.0.0.1, port: {PORT}, tls: none, timeout: 5s,\n"
         f"      helo: office.example.test, etrn: {json.dumps(list(etrn))}}}\n"
@@ -117,6 +118,36 @@ def test_reload_keeps_old_config_when_invalid_and_applies_valid(wan: Wan, tmp_pa
             wait_for(lambda: len(server.etrns()) == 3, 10, "the triggered round")
             assert server.etrns()[2][0] == "@b.example"
             assert daemon.proc.poll() is None
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("how", ["trigger", "SIGUSR1"])
+def test_trigger_during_settle_takes_the_link_up_round(wan: Wan, tmp_path: Path,
+                                                       how: str) -> None:
+    server = ScriptServer(wan.office, PORT, "250")
+    try:
+        wan.carrier(True)  # up at start: a link-up round is owed once the 4 s settle ends
+        config = write_config(tmp_path / "etrnd.yaml", wan.wan, settle="4s")
+        with running(config, tmp_path / "log", wan.office) as daemon:
+            daemon.wait_event("daemon_ready")
+            settled = time.monotonic() + 4
+            status = daemon.status()
+            assert status["round_due"]["reason"] == "settle", status
+            assert 0 < status["round_due"]["in_s"] <= 4
+            assert "s (settle)" in daemon.cli("status").stdout
+            if how == "trigger":
+                assert daemon.cli("trigger").returncode == 0
+            else:
+                daemon.signal(signal.SIGUSR1)
+            wait_for(server.etrns, 10, "the triggered round's ETRN")
+            assert daemon.status()["round_due"] is None
+            # The settle window ends; an absence needs time: 1.5 s after it with no round.
+            time.sleep(max(0.0, settled + 1.5 - time.monotonic()))
+            assert len(server.etrns()) == 1, server.etrns()
+            starts = daemon.events("round_start")
+            assert [e["reason"] for e in starts] == [how]
+            assert daemon.events("round_requested")[0]["took_link_up"] is True
     finally:
         server.close()
 

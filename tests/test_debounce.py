@@ -108,3 +108,15 @@ def test_properties(steps: list[tuple[bool, float]], settle: float, min_interval
         elif up_since is None:
             up_since = t
     assert all(b - a >= min_interval - 1e-9 for a, b in itertools.pairwise(rounds))
+
+
+def test_trigger_takes_the_owed_round_early() -> None:
+    d = Debouncer(settle=2, min_interval=30)
+    assert d.owed() is None and not d.take_early(5.0)  # nothing owed: nothing taken
+    d.link(True, 10.0)
+    assert d.owed() == (12.0, "settle")
+    assert d.take_early(10.5)  # a trigger inside the settle window is that round
+    assert d.owed() is None and not d.take_round(12.0)
+    d.link(False, 11.0)
+    d.link(True, 13.0)  # min_interval runs from the trigger's round
+    assert d.owed() == (40.5, "min_interval")
