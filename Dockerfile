@@ -4,8 +4,11 @@
 # gateway", Docker) has the `docker build` / `docker run` commands, tested by
 # tests/test_image.py; compose.yaml does the same. With podman/buildah, build with
 # `--format docker`: the OCI image format has no HEALTHCHECK and they drop it (with a warning).
-# The secret file must be readable by UID 10001 (bind mounts keep the host's owner and mode),
-# and the config then says `password_file: /run/secrets/isp`.
+# Docker needs BuildKit for this file (the syntax line, RUN --mount): Docker >= 23, or
+# DOCKER_BUILDKIT=1 on 20.10 (Debian 12's docker.io), whose classic builder fails on it.
+# The secret file must be readable by UID 10001 (bind mounts keep the host's owner and mode).
+# Mounted at /run/secrets/isp, the example config's `password_file: isp` finds it unchanged:
+# CREDENTIALS_DIRECTORY below plays the part systemd's LoadCredential= plays for the unit.
 
 # Pin the base for reproducible builds, e.g.
 #   --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>
@@ -44,10 +47,12 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && install -d -o etrnd -g etrnd -m 0750 /run/etrnd
 
 # The daemon's default config path anyway; set so `docker exec ... etrnd status` finds the same
-# file (and so the control socket path in it). Byte code was compiled at install time and the
-# root file system is meant to be read-only. Unbuffered: each log line reaches `docker logs`
-# when it happens.
+# file (and so the control socket path in it). A bare `password_file:` name is looked up in
+# $CREDENTIALS_DIRECTORY: here, where `-v ...:/run/secrets/NAME` and compose's secrets put
+# files. Byte code was compiled at install time and the root file system is meant to be
+# read-only. Unbuffered: each log line reaches `docker logs` when it happens.
 ENV ETRND_CONFIG=/etc/etrnd/etrnd.yaml \
+    CREDENTIALS_DIRECTORY=/run/secrets \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 

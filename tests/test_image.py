@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests import podman as pm
 from tests.daemonproc import wait_for
@@ -68,6 +69,8 @@ class Env:
 
     def host_path(self, path: str) -> str:
         # The README's host files live in /etc/etrnd; ours live in the test's directory.
+        if path == "/etc/etrnd":
+            return str(self.tmp)
         return str(self.tmp / Path(path).name) if path.startswith("/etc/etrnd/") else path
 
 
@@ -80,6 +83,7 @@ def translate(argv: list[str], env: Env, compose: Path | None = None) -> list[st
     an offline wheelhouse mounted for the build only; `run` gains `--read-only-tmpfs=false`
     (podman's --read-only would add a writable /tmp, Docker's does not). The names `etrnd`
     become this run's unique container/image names; /etc/etrnd/ files, the test's copies.
+    (`sudoedit` is not translated: `host_command` types the password instead.)
     """
     if argv[0] == "sudo":
         argv = argv[1:]
@@ -111,6 +115,16 @@ def translate(argv: list[str], env: Env, compose: Path | None = None) -> list[st
             arg = f"{env.host_path(src)}:{dst}"
         out.append(arg)
     return out
+
+
+def host_command(argv: list[str], env: Env) -> None:
+    """A README line that runs on the host, from the source directory, as root."""
+    if argv[0] == "sudoedit":  # the operator types the relay's password
+        (path,) = argv[1:]
+        with Path(env.host_path(path)).open("w") as fh:  # in place: mode and owner stay
+            fh.write(PASSWORD + "\n")
+        return
+    subprocess.run(translate(argv, env), check=True, timeout=30, cwd=ROOT)
 
 
 def wheelhouse() -> Path:
@@ -183,19 +197,25 @@ class Relay:
 
 
 def write_config(path: Path, etrn: list[str], iface: str) -> None:
+    """Edit the installed example config as the README says: relays and watch, nothing else.
+
+    Its `password_file: isp` stays: the image's $CREDENTIALS_DIRECTORY finds the secret.
+    """
+    data = yaml.safe_load(path.read_text())
+    data["watch"].update(interfaces=[iface], settle="0s", min_interval="0s")
+    (relay,) = data["relays"]
+    assert relay["name"] == "isp" and relay["auth"]["password_file"] == "isp", relay
+    relay.update(host=ISP, port=25, tls="none", timeout="10s", etrn=etrn)
+    relay["auth"]["allow_plaintext"] = True  # the test relay has no TLS
+    data["retry"]["first_delay"] = "1s"
     # Written in place, never replaced: the container's bind mount pins the file's inode.
     with path.open("w") as fh:
-        fh.write(json.dumps({  # JSON is YAML
-            "watch": {"interfaces": [iface], "up_when": "default-route", "settle": "0s",
-                      "min_interval": "0s"},
-            "relays": [{"name": "isp", "host": ISP, "port": 25, "tls": "none", "timeout": "10s",
-                        "auth": {"username": "office", "password_file": "/run/secrets/isp",
-                                 "allow_plaintext": True},
-                        "etrn": etrn}],
-            "retry": {"first_delay": "1s"}}))
+        fh.write(json.dumps(data))  # JSON is YAML
 
 
 def prepare(tmp: Path, net: Linked) -> None:
+    """compose.yaml's header: the example config beside it, edited; the secret, 0400."""
+    shutil.copyfile(ROOT / "config" / "etrnd.example.yaml", tmp / "etrnd.yaml")
     write_config(tmp / "etrnd.yaml", ["@example.org"], net.office_if)
     secret = tmp / "isp.secret"
     secret.write_text(PASSWORD + "\n")
@@ -246,16 +266,34 @@ def assert_locked_down(name: str, ns: str) -> None:
 def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Path) -> None:
     commands = docker_commands()
     verbs = [" ".join(c[:2]) for c in commands]
-    assert verbs == ["docker build", "sudo chown", "docker run", "docker logs", "docker exec",
-                     "docker kill", "docker stop"], "README's Docker block changed: update me"
+    assert verbs == ["docker build", "sudo install", "sudo install", "sudo install",
+                     "sudoedit /etc/etrnd/isp.secret", "sudo chown", "docker run", "docker run",
+                     "docker logs", "docker exec", "docker kill", "docker stop"], \
+        "README's Docker block changed: update me"
     env = Env(tmp_path, image[0])
     with linked("d", ISP, OFFICE) as net:
-        prepare(tmp_path, net)
         relay = Relay(net)
         ns = net.office.name
         try:
-            # The secret belongs to the image's user, as the README says.
-            subprocess.run(translate(commands[1], env), check=True, timeout=30)
+            # The host's files, from the source directory: the example config, installed and
+            # then edited (relays, watch); the secret typed in and given to the image's user.
+            for argv in commands[1:6]:
+                host_command(argv, env)
+                if argv[-1] == "/etc/etrnd/etrnd.yaml":
+                    write_config(tmp_path / "etrnd.yaml", ["@example.org"], net.office_if)
+            secret = (tmp_path / "isp.secret").stat()
+            assert (secret.st_uid, secret.st_mode & 0o777) == (10001, 0o600)
+            # check-config in the container finds the secret by the example's bare name...
+            commands = commands[5:]  # from here on as before the install lines: run is [2]
+            check = translate(commands[1], env)
+            assert pm.podman(*check[1:], netns=ns).stdout.startswith("config ")
+            # ...and without it says where it looked; systemd-run is no advice in a container.
+            at = check.index(next(a for a in check if a.endswith(":/run/secrets/isp:ro")))
+            res = pm.podman(*check[1:at - 1], *check[at + 1:], netns=ns, check=False)
+            assert res.returncode == 2, res
+            assert ("relays.0.auth.password_file: cannot read /run/secrets/isp: "
+                    "No such file or directory") in res.stderr, res.stderr
+            assert "systemd-run" not in res.stderr
             # Started with the WAN down: nothing to do until it comes up.
             run = translate(commands[2], env)
             pm.podman(*run[1:], netns=ns, timeout=120)
@@ -324,10 +362,12 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
 def test_readme_compose_starts_the_same_container(image: tuple[str, float],
                                                   tmp_path: Path) -> None:
     commands = compose_commands()
-    assert [c[:3] for c in commands] == [["docker", "compose", "up"],
+    assert [c[:3] for c in commands] == [["docker", "compose", "run"],
+                                         ["docker", "compose", "up"],
                                          ["docker", "compose", "exec"],
                                          ["docker", "compose", "kill"],
                                          ["docker", "compose", "down"]]
+    check_config, up, exec_status, kill_hup, down = commands
     tool = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
     if tool is None:
         pytest.skip("podman-compose is not installed (the [test] extra installs it from PyPI)")
@@ -352,7 +392,10 @@ def test_readme_compose_starts_the_same_container(image: tuple[str, float],
             return res
 
         try:
-            compose(commands[0])
+            # check-config first, in a one-off container with the service's mounts.
+            check = compose(check_config)
+            assert "config /etc/etrnd/etrnd.yaml: valid" in check.stdout, check
+            compose(up)
             names = pm.podman("ps", "-a", "--filter", f"label=io.podman.compose.project={project}",
                               "--format", "{{.Names}}").stdout.split()
             assert len(names) == 1, names
@@ -360,12 +403,12 @@ def test_readme_compose_starts_the_same_container(image: tuple[str, float],
             wait_for(lambda: relay.etrns() == ["@example.org"], 30, "the ETRN at the ISP")
             assert "AUTH office ok" in relay.lines
             assert_locked_down(name, net.office.name)
-            assert "@example.org: accepted 250" in compose(commands[1]).stdout
-            compose(commands[2])
+            assert "@example.org: accepted 250" in compose(exec_status).stdout
+            compose(kill_hup)
             wait_event(name, "config_reloaded")
-            compose(commands[3])
+            compose(down)
             assert pm.podman("container", "exists", name, check=False).returncode == 1
         finally:
-            compose(commands[3], check=False)
+            compose(down, check=False)
             pm.podman("rm", "-f", "-t", "0", f"{project}_etrnd_1", check=False)
             pm.podman("pod", "rm", "-f", f"pod_{project}", check=False)
