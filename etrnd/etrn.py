@@ -23,6 +23,7 @@ from etrnd.replies import (
     classify_reply,
     failure,
     invalid_argument,
+    setup_error,
 )
 from etrnd.transcript import TranscriptSMTP
 
@@ -150,9 +151,15 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
                                "credentials not sent"))
     offered = [m for m in _AUTH_PREFERENCE if m in smtp.server_auth_methods]
     if not offered:
-        raise _Refused(failure("AuthNotOffered",
-                               f"server offers no usable AUTH mechanism "
-                               f"({', '.join(smtp.server_auth_methods) or 'none'})"))
+        # The session is as protected as the config asks, so no retry will change what the
+        # server offers: a setup problem (permanent for the relay), like a refused password.
+        verdict = setup_error("AuthNotOffered",
+                              f"auth: is configured but the server offers no usable AUTH "
+                              f"mechanism ({', '.join(smtp.server_auth_methods) or 'none'}); "
+                              "credentials not sent")
+        log.error("etrn_auth_failed", user=auth.username, mechanism=None, code=None,
+                  text=verdict.text, error=verdict.error)
+        raise _Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + offered[0].replace("-", ""))
     try:

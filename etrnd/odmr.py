@@ -29,6 +29,7 @@ from etrnd.replies import (
     classify_auth,
     failure,
     invalid_argument,
+    setup_error,
 )
 from etrnd.transcript import TranscriptSMTP
 
@@ -70,10 +71,19 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
     assert auth is not None  # the config requires it for ODMR
     usable = [m for m in _mechanisms(relay, tls) if m in smtp.server_auth_methods]
     if not usable:
-        where = "under TLS" if tls != "none" else "without TLS"
         offered = ", ".join(smtp.server_auth_methods) or "none"
-        raise _Refused(failure("AuthNotOffered", f"no AUTH mechanism usable {where} (server "
-                               f"offers {offered}); credentials not sent"))
+        if tls == "none" and relay.tls != "none":
+            # tls: opportunistic and no STARTTLS today: a TLS failure, transient like one.
+            raise _Refused(failure("AuthWithoutTLS", f"no AUTH mechanism usable without TLS "
+                                   f"(server offers {offered}) and the server does not offer "
+                                   "STARTTLS; credentials not sent"))
+        # As protected as the config asks: no retry changes what the provider offers.
+        where = "under TLS" if tls != "none" else "without TLS"
+        verdict = setup_error("AuthNotOffered", f"no AUTH mechanism usable {where} (server "
+                              f"offers {offered}); credentials not sent")
+        log.error("odmr_auth_failed", user=auth.username, mechanism=None, code=None,
+                  text=verdict.text, error=verdict.error)
+        raise _Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + usable[0].replace("-", ""))
     try:

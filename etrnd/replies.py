@@ -106,6 +106,12 @@ def failure(error: str, text: str, code: int | None = None) -> Verdict:
     return Verdict(Outcome.TRANSIENT, code, clean_text(text), error=error)
 
 
+def setup_error(error: str, text: str) -> Verdict:
+    """The server and the config do not fit (e.g. no AUTH mechanism etrnd may use): retrying
+    cannot help, only a config change can, so it is permanent for the relay."""
+    return Verdict(Outcome.REFUSED_RELAY, None, clean_text(text), error=error)
+
+
 def invalid_argument(arg: str, reason: str) -> Verdict:
     """An argument that failed the last check before the wire; it was never sent."""
     return Verdict(Outcome.REFUSED_ARG, None, clean_text(f"not sent: {reason}"),

@@ -272,6 +272,28 @@ async def test_auth_never_sent_in_clear(tmp_path: Path) -> None:
     assert_no_secret(run)
 
 
+@pytest.mark.parametrize("tls", ["none", "starttls"])
+async def test_no_auth_offered_is_permanent_for_the_relay(
+        tmp_path: Path, ca: trustme.CA, ca_file: dict[str, str], tls: str) -> None:
+    # A server that offers no AUTH at all (as protected as the config asks): a setup
+    # mismatch, refused at once (exit 3), not retried until give_up_after.
+    fake = FakeSmtp(tls=server_context(ca, "127.0.0.1") if tls == "starttls" else None)
+    async with serve(fake):
+        block = auth_block(tmp_path, PASSWORD)
+        if tls == "none":
+            block = block.replace("}", ", allow_plaintext: true}")
+        config = write_config(tmp_path, fake.port, tls=tls, give_up="1h", extra=block)
+        run = await send(config, env=ca_file)
+    assert run.rc == 3, run.err
+    assert fake.lines("AUTH") == [] and fake.lines("ETRN") == []
+    assert len(fake.lines("EHLO")) == (2 if tls == "starttls" else 1)  # one session only
+    [failed] = run.named("etrn_auth_failed")
+    assert (failed["level"], failed["error"]) == ("error", "AuthNotOffered")
+    assert run.named("etrn_retry") == []
+    assert "refused: @example.test" in run.out
+    assert_no_secret(run)
+
+
 async def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     config = write_config(tmp_path, 25)
     run = await send(config, "--relay", "nope")

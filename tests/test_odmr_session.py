@@ -150,6 +150,7 @@ async def test_cram_md5_without_tls_and_nothing_in_clear(tmp_path: Path) -> None
         relay, _ = relay_for(tmp_path, port, office_port, plaintext=False)
         result = await odmr.attempt(relay, relay.etrn)
     assert result.stop is not None and result.stop.error == "AuthNotOffered"
+    assert result.stop.outcome is Outcome.REFUSED_RELAY  # a setup problem: not retried
     assert not [ln for ln in provider.log if ln.startswith(("C: AUTH", "C: ATRN"))]
 
 
@@ -338,6 +339,17 @@ async def test_send_exit_codes_and_counts(tmp_path: Path) -> None:
         provider.atrn_replies = ["535 Incorrect authentication data"]
         rc, out, _ = await run_send(config)
         assert rc == 3 and "refused: example.test" in out
+
+        provider.atrn_replies, provider.mechanisms = [], "PLAIN LOGIN"  # no CRAM-MD5
+        config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}",
+                                      plaintext=False, give_up="1h"))
+        rc, out, err = await run_send(config)
+        assert rc == 3 and "refused: example.test" in out, err
+        events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+        assert [(e["level"], e["error"]) for e in events
+                if e["event"] == "odmr_auth_failed"] == [("error", "AuthNotOffered")]
+        assert not [e for e in events if e["event"] == "etrn_retry"]
+        provider.mechanisms = "PLAIN LOGIN CRAM-MD5"
 
         provider.queue, provider.after_turnaround = mails(1), "stall"
         config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}",
