@@ -251,8 +251,11 @@ def check_password_text(raw: str, where: str) -> str:
 def check_atrn_domain(value: str) -> str:
     """An ATRN argument (RFC 2645 section 4.2.1): a domain name, no @, # or trailing dot."""
     _no_blank_or_control(value)
-    if value[0] in "@#":
+    if value[0] == "@":
         raise ValueError(f"{value!r}: ATRN takes domain names; write {value[1:]!r}")
+    if value[0] == "#":  # stripping the # would turn a queue name into a domain
+        raise ValueError(f"{value!r}: ODMR (ATRN) takes domain names, no queue names; "
+                         "write the domain(s) the provider holds mail for")
     if not value.isascii():
         raise ValueError(f"{value!r} is not ASCII (write an internationalised domain as xn--...)")
     if value.endswith(".") or not _HOSTNAME.match(value) or _is_ip(value):
@@ -556,9 +559,15 @@ def _key(part: int | str) -> str:
     return text if text and text.isprintable() and text.strip() == text else repr(text)
 
 
+# Pydantic's words for its own types (tuple, dict, model) mean nothing to someone writing
+# YAML: say it in YAML's terms. Keyed by error type, so every field gets the same wording.
 _MESSAGES = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
+    "tuple_type": "should be a list, e.g. [a, b]",
+    "list_type": "should be a list, e.g. [a, b]",
+    "dict_type": "should be a mapping of keys (key: value)",
+    "model_type": "should be a mapping of keys (key: value)",
 }
 
 

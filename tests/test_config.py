@@ -114,6 +114,19 @@ def test_every_problem_listed_with_key_path() -> None:
     ]
 
 
+def test_a_scalar_where_a_list_belongs_says_list() -> None:
+    # An operator writes `interfaces: ppp0`: YAML words, not pydantic's "valid tuple".
+    found = problems("watch: {interfaces: ppp0}\nretry: 5s\n"
+                     "relays: [{hosts: mx1.example, etrn: '@a.example'}]\n")
+    assert found == [
+        "watch.interfaces: should be a list, e.g. [a, b]",
+        "relays.0.hosts: should be a list, e.g. [a, b]",
+        "relays.0.etrn: should be a list, e.g. [a, b]",
+        "retry: should be a mapping of keys (key: value)",
+    ]
+    assert not [p for p in found if "tuple" in p or "dictionary" in p]
+
+
 def test_missing_relays_and_empty_file() -> None:
     assert problems("watch: {}\n") == ["relays: required key is missing"]
     assert problems("") == ["(top level): the file is empty; at least relays: is required"]

@@ -63,7 +63,8 @@ def test_every_problem_with_its_key_path(pw: Path) -> None:
                      + "  - host: etrn.example\n    etrn: [a.test]\n    deliver_to: h:25\n")
     assert found == [
         "relays.0.etrn: '@example.test': ATRN takes domain names; write 'example.test'; "
-        "'#queue': ATRN takes domain names; write 'queue'",
+        "'#queue': ODMR (ATRN) takes domain names, no queue names; write the domain(s) "
+        "the provider holds mail for",
         "relays.1: deliver_to only applies with protocol: odmr",
     ]
     assert problems(odmr(pw, etrn='["example.test."]'))[0].startswith("relays.0.etrn.0: ")
