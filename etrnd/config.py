@@ -186,6 +186,7 @@ class Secret:
     credential: str | None = None
     unit: str | None = None
     unread: str | None = None
+    notice: str | None = None  # something odd but maybe genuine (see password_notice)
 
     def __repr__(self) -> str:
         return f"Secret(source={self.source!r}, value='**********')"
@@ -232,7 +233,8 @@ def _read_password(value: object, info: ValidationInfo) -> Secret:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     password = check_password_text(raw, str(path))
-    return Secret(source=str(path), value=password, credential=cred[1] if cred else None)
+    return Secret(source=str(path), value=password, credential=cred[1] if cred else None,
+                  notice=password_notice(password))
 
 
 def check_password_text(raw: str, where: str) -> str:
@@ -246,6 +248,17 @@ def check_password_text(raw: str, where: str) -> str:
     if any(c in password for c in "\r\n\0"):
         raise ValueError(f"{where} holds more than one line")
     return password
+
+
+def password_notice(password: str) -> str | None:
+    """Why a password may be a mistake although it could be genuine: blanks at either end
+    (`echo 'secret ' > file`, an editor's trailing space). Never quotes the password."""
+    ends = [where for where, edge in (("begins", password[:1]), ("ends", password[-1:]))
+            if edge.isspace()]
+    if not ends:
+        return None
+    return (f"the password {' and '.join(ends)} with white space; kept as is (sent so in "
+            "AUTH): remove it from the file unless it is part of the password")
 
 
 def check_atrn_domain(value: str) -> str:

@@ -18,7 +18,7 @@ from etrnd.config import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.control import ControlError, ControlServer
 from etrnd.logs import get_logger
 from etrnd.mtagate import Gate
-from etrnd.preflight import EXIT_CONFIG, load_or_report
+from etrnd.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.rounds import RelayStatus, run_round
 from etrnd.sdnotify import Notifier
 from etrnd.stall import Stall, StallDetector
@@ -71,6 +71,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         log.info("daemon_start", version=__version__, pid=os.getpid(), config=str(self.path))
+        warn_secrets(self.config)
         # Before anything slow: a SIGTERM during start-up must still end in a clean exit 0.
         for sig, handler in (
             (signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),

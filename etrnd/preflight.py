@@ -14,8 +14,10 @@ from etrnd.config import (
     Secret,
     check_password_text,
     load_config,
+    password_notice,
     resolve_path,
 )
+from etrnd.logs import get_logger
 
 EXIT_CONFIG = 2
 # The unit the README installs; a credential named in the config is looked up in it.
@@ -65,10 +67,24 @@ def check_secrets(config: Config) -> list[Finding]:
     """
     findings = []
     for i, relay in enumerate(config.relays):
-        if relay.auth is not None and relay.auth.password_file.unread is not None:
-            key = f"relays.{i}.auth.password_file"
-            findings.append(_check_credential(key, relay.auth.password_file))
+        if relay.auth is None:
+            continue
+        key, secret = f"relays.{i}.auth.password_file", relay.auth.password_file
+        if secret.unread is not None:
+            findings.append(_check_credential(key, secret))
+        elif secret.notice is not None:
+            findings.append(Finding(key, f"notice: {secret.source}: {secret.notice}"))
     return findings
+
+
+def warn_secrets(config: Config) -> None:
+    """Log `password_white_space` (warning: file, never the value) for each secret that may be
+    a mistake, at the start of `run` and `send`: AUTH would fail with no other clue."""
+    for relay in config.relays:
+        secret = relay.auth.password_file if relay.auth is not None else None
+        if secret is not None and secret.notice is not None:
+            get_logger().warning("password_white_space", relay=relay.label,
+                                 file=secret.source, text=secret.notice)
 
 
 def _check_credential(key: str, secret: Secret) -> Finding:
@@ -94,9 +110,13 @@ def _check_credential(key: str, secret: Secret) -> Finding:
         return Finding(key, f"{unit} loads credential {name!r} from {source}: cannot read: "
                             f"{reason}; the service would not start", problem=True)
     try:
-        check_password_text(text, source)
+        password = check_password_text(text, source)
     except ValueError as exc:
         return Finding(key, f"credential {name!r} of {unit}: {exc}", problem=True)
+    notice = password_notice(password)
+    if notice is not None:
+        return Finding(key, f"notice: credential {name!r}: {unit} loads it from {source}: "
+                            f"{notice}")
     return Finding(key, f"credential {name!r}: {unit} loads it from {source}: readable, "
                         "one line")
 
@@ -139,4 +159,4 @@ def unit_credentials(unit: str) -> dict[str, str] | str:
 
 
 __all__ = ["EXIT_CONFIG", "UNIT", "Finding", "check_secrets", "load_or_report", "report",
-           "unit_credentials"]
+           "unit_credentials", "warn_secrets"]

@@ -12,7 +12,7 @@ from etrnd.etrn import resolve_helo
 from etrnd.logs import configure
 from etrnd.mtagate import Gate
 from etrnd.offloop import ThreadPerCall
-from etrnd.preflight import EXIT_CONFIG, load_or_report
+from etrnd.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.rounds import RoundResult, run_all
 
 EXIT_OK = 0
@@ -87,6 +87,7 @@ def send_command(path: str | None, relay: str | None, args: list[str],
             _err(f"argument {arg!r}: {exc}")
             return EXIT_CONFIG
     configure("debug" if debug else config.log.level, config.log.format)
+    warn_secrets(config)
     try:
         results = asyncio.run(_send(relays, config.retry, tuple(args) or None, config))
     except KeyboardInterrupt:

@@ -254,3 +254,34 @@ def test_config_from_environment(tmp_path: Path) -> None:
     path.write_text(MINIMAL)
     res = run_cli("check-config", env={**os.environ, "ETRND_CONFIG": str(path)})
     assert res.returncode == 0 and str(path) in res.stdout
+
+
+def test_password_with_blanks_at_its_ends_is_kept_but_noticed(tmp_path: Path) -> None:
+    # `echo 'secret ' > file`: maybe genuine, so not an error; but AUTH would fail with no
+    # clue, so check-config says so (a notice naming the file) and run warns at start.
+    from tests.daemonproc import running
+
+    secret = tmp_path / "isp"
+    secret.write_text("s3cret-pw \n")
+    config = tmp_path / "etrnd.yaml"
+    config.write_text(
+        "watch: {interfaces: [nosuch-if0]}\n"  # never up: run starts no round
+        "relays:\n  - host: mail.isp.example\n    tls: starttls\n    etrn: ['@a.example']\n"
+        f"    auth: {{username: office, password_file: {secret}}}\n"
+        f"control: {{socket: {tmp_path / 'control.sock'}}}\n"
+        "log: {level: info, format: json}\n")
+    assert parse_yaml(config.read_text()).relays[0].auth.password_file.value == "s3cret-pw "
+    res = run_cli("check-config", "-c", str(config))
+    assert res.returncode == 0, res.stderr
+    [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("secret ")]
+    assert line.startswith(f"secret relays.0.auth.password_file: notice: {secret}: ")
+    assert "ends with white space" in line and "s3cret" not in res.stdout + res.stderr
+
+    with running(config, tmp_path / "log") as daemon:
+        warning = daemon.wait_event("password_white_space")
+    assert (warning["level"], warning["relay"], warning["file"]) == (
+        "warning", "mail.isp.example", str(secret))
+    assert "s3cret" not in daemon.text()
+
+    secret.write_text("s3cret-pw\n")
+    assert "notice" not in run_cli("check-config", "-c", str(config)).stdout
