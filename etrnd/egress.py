@@ -173,12 +173,15 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
     except Exception as exc:  # time-out, resolver or netlink failure: the session goes on
         log.warning("etrn_egress_unchecked", error=type(exc).__name__, text=str(exc)[:200])
         return (mode, 0) if mode not in ("auto", "kernel") else None
+    # No address to bind means the kernel picks it: say so in words, not as a null/None that
+    # each log format would print its own way.
+    source = choice.source or "kernel"
     if route is not None and choice.mismatch:
         log.warning("etrn_egress_mismatch", dst=route.dst, expected_iface=expected.iface()
                     or ",".join(expected.patterns), route_iface=route.iface,
-                    source=choice.source, reason=choice.reason)
+                    source=source, reason=choice.reason)
     elif route is not None:
-        log.debug("etrn_egress", dst=route.dst, route_iface=route.iface, source=choice.source)
+        log.debug("etrn_egress", dst=route.dst, route_iface=route.iface, source=source)
     return (choice.source, 0) if choice.source else None
 
 

@@ -157,8 +157,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
                               f"auth: is configured but the server offers no usable AUTH "
                               f"mechanism ({', '.join(smtp.server_auth_methods) or 'none'}); "
                               "credentials not sent")
-        log.error("etrn_auth_failed", user=auth.username, mechanism=None, code=None,
-                  text=verdict.text, error=verdict.error)
+        log.error("etrn_auth_failed", user=auth.username, text=verdict.text, error=verdict.error)
         raise _Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + offered[0].replace("-", ""))

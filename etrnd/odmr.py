@@ -81,8 +81,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
         where = "under TLS" if tls != "none" else "without TLS"
         verdict = setup_error("AuthNotOffered", f"no AUTH mechanism usable {where} (server "
                               f"offers {offered}); credentials not sent")
-        log.error("odmr_auth_failed", user=auth.username, mechanism=None, code=None,
-                  text=verdict.text, error=verdict.error)
+        log.error("odmr_auth_failed", user=auth.username, text=verdict.text, error=verdict.error)
         raise _Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + usable[0].replace("-", ""))

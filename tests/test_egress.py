@@ -90,7 +90,7 @@ def test_send_says_the_route_leaves_elsewhere_and_the_isp_refuses(lab: Lab,
         code, events = lab.send(lab.config(tmp_path / "e.yaml", source))
         mismatch = only(events, "etrn_egress_mismatch")
         assert [(m["expected_iface"], m["route_iface"], m["source"]) for m in mismatch] == [
-            (lab.wwan, lab.wan, None)], events
+            (lab.wwan, lab.wan, "kernel")], events
         if source is None:
             assert "add a policy rule" in mismatch[0]["reason"]
         assert code == 3  # 554 Access denied: the ISP saw wan's address

@@ -110,6 +110,9 @@ async def test_tls_auth_session_transcript(tmp_path: Path, ca: trustme.CA,
     tls = [e["tls"] for e in lines]
     assert tls[:10] == ["none"] * 10 and set(tls[10:]) == {"TLSv1.3"}
     assert_no_password(run.out + run.err + console.err, spec)
+    # Not bound to an address: the kernel chooses, said so in every format (not None/null).
+    assert [e["source"] for e in run.events if e["event"] == "etrn_egress"] == ["kernel"]
+    assert " source=kernel" in console.err and "None" not in console.err
     # The README quotes this very run, as the console shows it.
     quoted = README.read_text().split("$ etrnd send -v\n", 1)[1].split("```", 1)[0]
     # The dialogue exactly; other events (other issues' to shape) by name and order.
