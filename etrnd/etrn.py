@@ -71,7 +71,21 @@ async def resolve_helo(limit: float = HELO_LOOKUP_TIMEOUT) -> str:
     _helo[:] = [name]
     get_logger().info("helo_name", name=name, source=source,
                       elapsed_ms=round((time.monotonic() - started) * 1000, 1))
+    problem = helo_problem(name)
+    if problem is not None:
+        get_logger().warning("helo_name_fallback", name=name, source=source, reason=problem)
     return name
+
+
+def helo_problem(name: str) -> str | None:
+    """Why an EHLO name found without `helo:` may get sessions refused, or None if it looks
+    like an FQDN (RFC 5321 4.1.1.1: the client's FQDN or an address literal)."""
+    if name.startswith("["):
+        return None
+    if name.lower().rstrip(".") == "localhost" or "." not in name:
+        return (f"the machine's name {name!r} is not a fully qualified domain name; ISPs may "
+                "refuse ETRN/ATRN from it: set helo: for each relay (e.g. gw.example.org)")
+    return None
 
 
 def _trust_key(verify: bool) -> tuple[bool, str | None, str | None]:
