@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.exim import PASSWORD, USER, Exim, exim_provider
 from tests.nettools import Netns, linked
-from tests.postfix import Postfix, postfix, wait_until
+from tests.postfix import Postfix, own_directory, postfix, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ISP_ADDR = "198.51.100.1"
@@ -130,6 +130,7 @@ class OdmrLab:
 
 def _office_postfix(ns: Netns, root: Path,
                     domains: Sequence[str]) -> contextlib.AbstractContextManager[Postfix]:
+    root = own_directory(root)  # Postfix's daemons must reach it whatever pytest does
     maildir = root / "mail"
     maildir.mkdir(parents=True, exist_ok=True)
     os.chown(maildir, NOBODY, NOBODY)

@@ -125,7 +125,7 @@ def postfix(ns: Netns, root: Path, *, address: str, relay_domains: tuple[str, ..
     `relay_domains` are accepted and (by default) flushed on ETRN; `transport` maps a domain
     to a next hop such as `smtp:[198.51.100.2]:25`; `settings` override any main.cf value.
     """
-    root = _own_directory(root)
+    root = own_directory(root)
     for sub in ("etc", "queue", "data", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     _let_postfix_through(root)
@@ -154,11 +154,13 @@ def _let_postfix_through(root: Path) -> None:
             directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
-def _own_directory(root: Path) -> Path:
+def own_directory(root: Path) -> Path:
     """Where Postfix's files really go: `root` becomes a symbolic link to a new directory
     outside pytest's basetemp. The o+x that _let_postfix_through adds there does not last on
     a shared machine: any other pytest session that starts resets pytest-of-root to 0700,
-    and Postfix then fails with "open lock file .../master.lock: Permission denied"."""
+    and Postfix then fails with "open lock file .../master.lock: Permission denied".
+    Callers that put files for Postfix under `root` first call this themselves and use the
+    path it returns (an existing directory is used as it is)."""
     if root.exists():
         return root.resolve()
     real = Path(tempfile.mkdtemp(prefix="etrnd-postfix-"))
