@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from etrnd.config import DEFAULT_PATH, ENV_CONFIG, Control
+from etrnd.config import CREDENTIALS_ENV, DEFAULT_PATH, ENV_CONFIG, Control
 from tests.test_install import BUILD_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -477,14 +477,18 @@ def test_compose_socket_tmpfs_belongs_to_the_image_user(
 
 
 def test_compose_mounts_config_read_only_and_password_as_secret(
-    service: dict[str, Any],
+    service: dict[str, Any], stages: list[list[Instruction]],
 ) -> None:
     mounts = [v.split(":") for v in service["volumes"]]
     config = [m for m in mounts if m[1] == str(DEFAULT_PATH)]
     assert config and config[0][2:] == ["ro"], mounts
     assert service["secrets"] == ["isp"]  # appears as /run/secrets/isp
     assert "file" in service["_top_secrets"]["isp"]
-    assert "password_file: /run/secrets/isp" in COMPOSE.read_text()
+    # The example config's bare credential name finds it: the image looks in /run/secrets.
+    env = shlex.split(" ".join(i.args for i in _find(stages[-1], "ENV")))
+    assert f"{CREDENTIALS_ENV}=/run/secrets" in env
+    example = yaml.safe_load((ROOT / "config" / "etrnd.example.yaml").read_text())
+    assert example["relays"][0]["auth"]["password_file"] == "isp"
 
 
 def test_compose_builds_with_the_dockerfiles_base(
