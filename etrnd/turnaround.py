@@ -14,6 +14,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from etrnd.attempt import Messages
 from etrnd.localmta import LocalMta, Reply
+from etrnd.logs import get_logger
 from etrnd.replies import clean_text
 from etrnd.transcript import Transcript, tls_state
 
@@ -160,6 +161,17 @@ def _outcome(reply: Reply) -> str:
     return "refused" if reply.code >= 500 else "deferred"
 
 
+def _collect(task: asyncio.Future[None]) -> None:
+    """aiosmtpd's client task may end on a reply written to a connection we closed (a stop or
+    link-down mid-command): that is how a turnaround ends, not an error for asyncio to report
+    as "never retrieved". Anything else is left for the loop's handler to report."""
+    if task.cancelled():
+        return
+    exc = task.exception()  # retrieved, so asyncio stays quiet; we say what matters
+    if exc is not None and not isinstance(exc, ConnectionError):
+        get_logger().error("odmr_receiver_failed", error=f"{type(exc).__name__}: {exc}")
+
+
 class Receiver(SMTPServer):
     """aiosmtpd's SMTP server, taking over a connection that is already open (after ATRN).
 
@@ -177,6 +189,12 @@ class Receiver(SMTPServer):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.timed_out = False
         self.transcript = transcript  # the client leg's, so the debug dialogue reads on
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        task = self._handler_coroutine
+        if task is not None:
+            task.add_done_callback(_collect)
 
     def data_received(self, data: bytes) -> None:
         self._reset_timeout()

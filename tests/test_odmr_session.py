@@ -408,3 +408,48 @@ async def test_domains_beyond_one_atrn_line_take_further_sessions(tmp_path: Path
     assert all(len(ln) - 3 + 2 <= 512 for ln in atrns)
     assert result.stop is None and set(result.replies) == set(domains)
     assert result.messages.relayed == 5 and not provider.queue
+
+
+class _HoldingOffice(Office):
+    """An office MTA that sits on the first RCPT until the test lets go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:
+        self.holding.set()
+        await self.release.wait()
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+async def test_cancel_while_the_office_holds_a_reply_leaves_no_stray_error(
+        tmp_path: Path) -> None:
+    """A stop or link-down mid-RCPT: the receiving side's reply then meets a closed
+    connection; that is how the turnaround ends, not an error for asyncio to report."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        provider, office = Provider(queue=mails(2), after_turnaround="deliver"), _HoldingOffice()
+        async with serving(provider, office) as (port, office_port):
+            relay, _ = relay_for(tmp_path, port, office_port, timeout="30s")
+            task = asyncio.create_task(odmr.attempt(relay, relay.etrn))
+            await asyncio.wait_for(office.holding.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            office.release.set()
+            for _ in range(20):  # let the receiving side's handler run to its end
+                await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert [c.get("message") for c in reported] == []
+    assert len(provider.queue) == 2
