@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from etrnd.replies import Verdict
+from etrnd.replies import Outcome, Verdict
 
 if TYPE_CHECKING:
     from etrnd.config import Relay
@@ -70,6 +70,35 @@ class SendAttempt(Protocol):
                  on_host: OnHost, on_reply: OnReply,
                  messages: Messages) -> Awaitable[AttemptResult]:
         ...
+
+
+# One session on `host` for the arguments still unanswered: answers go into the result's
+# replies; returns None when it got through them, or the Verdict that ended it early.
+Session = Callable[[str, list[str], AttemptResult], Awaitable[Verdict | None]]
+
+
+async def over_hosts(relay: Relay, args: Sequence[str], on_host: OnHost,
+                     session: Session) -> AttemptResult:
+    """The relay's hosts in order, sessions on each until every argument is answered.
+
+    A transient stop (connect, TLS, time-out, protocol) moves on to the next host with the
+    arguments still unanswered; any other stop ends the attempt, since that host did answer.
+    """
+    result = AttemptResult()
+    todo = list(dict.fromkeys(args))
+    for host in relay.all_hosts:
+        result.host = host
+        on_host(host)
+        stop: Verdict | None = None
+        while todo:
+            stop = await session(host, todo, result)
+            todo = [a for a in todo if a not in result.replies]
+            if stop is not None:
+                break
+        result.stop = stop
+        if stop is None or stop.outcome is not Outcome.TRANSIENT:
+            return result
+    return result
 
 
 def attempt_for(relay: Relay) -> SendAttempt:

@@ -13,7 +13,15 @@ from typing import Any
 from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
 
 from etrnd import egress, offloop
-from etrnd.attempt import AttemptResult, Messages, OnHost, OnReply, ignore_host, ignore_reply
+from etrnd.attempt import (
+    AttemptResult,
+    Messages,
+    OnHost,
+    OnReply,
+    ignore_host,
+    ignore_reply,
+    over_hosts,
+)
 from etrnd.config import Relay, check_etrn_argument, default_helo
 from etrnd.logs import get_logger
 from etrnd.replies import (
@@ -292,25 +300,8 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
     Connect, TLS, time-out and protocol failures move on to the next host with the arguments
     still unanswered; a reply (even 4xx) does not, since that host did answer.
     """
-    result = AttemptResult()
-    todo = list(dict.fromkeys(args))
-    for host in relay.all_hosts:
-        result.host = host
-        on_host(host)
-        stop: Verdict | None = None
-        while todo:
-            stop = await session(relay, host, todo, result.replies, attempt=attempt,
-                                 on_reply=on_reply)
-            todo = [a for a in todo if a not in result.replies]
-            if stop is not None:
-                break
-        if stop is None:
-            result.stop = None
-            return result
-        result.stop = stop
-        if stop.outcome is not Outcome.TRANSIENT:
-            return result
-    return result
+    return await over_hosts(relay, args, on_host, lambda host, todo, result: session(
+        relay, host, todo, result.replies, attempt=attempt, on_reply=on_reply))
 
 
 __all__ = ["MAX_ETRN_PER_SESSION", "AttemptResult", "OnHost", "OnReply", "attempt",

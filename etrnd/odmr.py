@@ -10,7 +10,15 @@ from typing import Any
 from aiosmtplib import SMTP, SMTPAuthenticationError
 
 from etrnd import egress, turnaround
-from etrnd.attempt import AttemptResult, Messages, OnHost, OnReply, ignore_host, ignore_reply
+from etrnd.attempt import (
+    AttemptResult,
+    Messages,
+    OnHost,
+    OnReply,
+    ignore_host,
+    ignore_reply,
+    over_hosts,
+)
 from etrnd.config import Relay, check_atrn_domain
 from etrnd.etrn import (
     _describe,
@@ -247,19 +255,6 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
     Connect, TLS, AUTH-4xx, time-out and protocol failures move on to the next host with the
     domains still unanswered; a reply (even 4xx) or a turnaround does not.
     """
-    result = AttemptResult()
-    todo = list(dict.fromkeys(args))
-    for host in relay.all_hosts:
-        result.host = host
-        on_host(host)
-        stop: Verdict | None = None
-        while todo:
-            stop = await session(relay, host, atrn_batches(todo), result, attempt=attempt,
-                                 on_reply=on_reply, messages=messages)
-            todo = [d for d in todo if d not in result.replies]
-            if stop is not None:
-                break
-        result.stop = stop
-        if stop is None or stop.outcome is not Outcome.TRANSIENT:
-            return result
-    return result
+    return await over_hosts(relay, args, on_host, lambda host, todo, result: session(
+        relay, host, atrn_batches(todo), result, attempt=attempt, on_reply=on_reply,
+        messages=messages))
