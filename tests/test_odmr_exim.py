@@ -117,12 +117,14 @@ def test_wan_dropping_mid_delivery_loses_nothing(lab: OdmrLab, tmp_path: Path) -
         wait_for(lambda: lab.exim.queue_count() == OTHERS, 120,
                  "the provider to hold only the domain not asked for")
         relayed = [e for e in daemon.events("odmr_message") if e["outcome"] == "relayed"]
-        lab.mta.wait_count(len(relayed))
+        wait_for(lambda: set(lab.mta.received()) >= set(want), 60,
+                 "every message asked for in the office mailbox")
     received = lab.mta.received()
     assert set(received) == set(want)
-    # Each message etrnd confirmed was delivered once; at most the one cut off between the
-    # office MTA's 250 and the provider hearing ours can come twice (SMTP's own window).
-    assert len(received) == len(relayed)
+    # Each message etrnd confirmed was delivered once. The one cut off between the office
+    # MTA's 250 and the provider hearing ours (SMTP's own window) may come twice: counted as
+    # relayed twice if our 250 went out but never arrived, or once if the drop came first.
+    assert len(relayed) <= len(received) <= len(relayed) + 1, (received, len(relayed))
     assert len(received) - len(want) <= 1, received
     assert lab.exim.queued_recipients() == others()
 
