@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,17 +22,24 @@ from pydantic import (
     model_validator,
 )
 
+from etrnd.credentials import DEFER_CREDENTIALS, Secret, read_password
+from etrnd.values import (
+    DEFAULT_DELIVER_TO,
+    DeliverTo,
+    check_atrn_domain,
+    check_etrn_argument,
+    check_hostname,
+    check_ifname,
+    check_server,
+    check_source,
+    no_blank_or_control,
+    parse_deliver_to,
+    parse_duration,
+)
+
 DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
 ENV_CONFIG = "ETRND_CONFIG"
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-# RFC 1985 arguments: node, @domain or #queue. The character set is deliberately narrow:
-# anything outside it is a typo or an injection attempt, and it goes on the wire verbatim.
-_ETRN_BODY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
-_IFNAME_GLOB = re.compile(r"^[A-Za-z0-9_.:@*?\[\]!-]{1,64}$")
 
 
 class ConfigError(Exception):
@@ -45,292 +50,6 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from `500ms`, `30s`, `5m`, `2h`, `1d` or a plain non-negative number."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like 500ms, 30s, 5m, 2h")
-    if isinstance(value, int | float):
-        try:
-            seconds = float(value)
-        except OverflowError:  # a YAML integer of hundreds of digits
-            raise ValueError("a duration must be a finite number >= 0") from None
-    elif isinstance(value, str):
-        match = _DURATION.match(value.strip())
-        if match is None:
-            raise ValueError(
-                f"{value!r} is not a duration (use e.g. 500ms, 30s, 5m, 2h or plain seconds)"
-            )
-        seconds = float(match.group(1)) * _UNIT[match.group(2)]
-    else:
-        raise ValueError("a duration is a number of seconds or a string like 500ms, 30s, 5m, 2h")
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError("a duration must be a finite number >= 0")
-    return seconds
-
-
-def _no_blank_or_control(value: str) -> str:
-    bad = [c for c in value if c.isspace() or ord(c) < 32 or ord(c) == 127]
-    if bad:
-        raise ValueError("must not contain white space or control characters")
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-def check_etrn_argument(value: str) -> str:
-    """Accept a node name, `@domain` or `#queue` (RFC 1985 section 3) that a real server takes.
-
-    After the optional `@` or `#`, the name must pass the host name syntax Postfix's smtpd
-    checks (else it answers `501 Error: invalid parameter syntax` and the queue is never
-    flushed): labels of letters, digits, `_` and inner `-`, 1-63 long, no empty label (so no
-    leading, trailing or double dot), at most 255 in all, and not only digits and dots.
-    tests/test_etrn_syntax.py holds the table, checked against a real Postfix.
-    """
-    _no_blank_or_control(value)
-    body = value[1:] if value[0] in "@#" else value
-    if not body:
-        raise ValueError(f"{value!r} names nothing after {value[0]!r}")
-    if not value.isascii():
-        raise ValueError(f"{value!r} is not ASCII (write an internationalised domain as xn--...)")
-    if not _ETRN_BODY.match(body):
-        raise ValueError(
-            f"{value!r} is not a node name, @domain or #queue "
-            "(letters, digits, '.', '-', '_' after an optional @ or #)"
-        )
-    problem = _etrn_name_problem(body)
-    if problem is not None:
-        raise ValueError(f"{value!r}: {problem}; a real server refuses it as syntax (501)")
-    return value
-
-
-def _etrn_name_problem(name: str) -> str | None:
-    if len(name) > 255:
-        return "the name is longer than 255 characters"
-    if name.endswith("."):
-        return "trailing dot (write the name without it)"
-    labels = name.split(".")
-    if "" in labels:
-        return "empty label (a leading or doubled dot)"
-    for label in labels:
-        if len(label) > 63:
-            return f"label {label[:16]}... is longer than 63 characters"
-        if label.startswith("-") or label.endswith("-"):
-            return f"label {label!r} starts or ends with a hyphen"
-    if all(c.isdigit() or c == "." for c in name):
-        return "a name of only digits and dots is not a host name"
-    return None
-
-
-def _check_hostname(value: str) -> str:
-    _no_blank_or_control(value)
-    if value.startswith("[") and value.endswith("]"):
-        # An address literal (RFC 5321 4.1.3) goes into EHLO verbatim: its inside must be a
-        # real address, or a typo like [é] is accepted here and fails every session later.
-        inner = value[1:-1]
-        v6 = inner[:5].lower() == "ipv6:"
-        try:
-            socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, inner[5:] if v6 else inner)
-        except OSError:
-            raise ValueError(f"{value!r} is not an address literal "
-                             "(write [192.0.2.1] or [IPv6:2001:db8::1])") from None
-        return value
-    if not _HOSTNAME.match(value) and not _is_ip(value):
-        raise ValueError(f"{value!r} is not a valid host name or address")
-    return value
-
-
-def _check_server(value: str) -> str:
-    if value.startswith("["):
-        raise ValueError(f"{value!r}: write a server address without brackets")
-    return _check_hostname(value)
-
-
-def _is_ip(value: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, value)
-        except OSError:
-            continue
-        return True
-    return False
-
-
-def _check_ifname(value: str) -> str:
-    _no_blank_or_control(value)
-    if "/" in value or not _IFNAME_GLOB.match(value):
-        raise ValueError(f"{value!r} is not an interface name or glob")
-    if not any(c in value for c in "*?[") and len(value) > 15:
-        raise ValueError(f"{value!r} is longer than an interface name can be (15)")
-    return value
-
-
-# systemd puts a service's credentials (LoadCredential=) here and says so in this variable.
-CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
-_CREDENTIALS_ROOT = Path("/run/credentials")
-# Validation context key: when true, a credential that only exists inside the service is not
-# an error but an unread Secret (check-config from an operator's shell). run/send never set it.
-DEFER_CREDENTIALS = "defer_credentials"
-
-
-@dataclass(frozen=True, repr=False)
-class Secret:
-    """A password read from a file; it never prints itself.
-
-    `credential` is the systemd credential name when the config named one (a bare name, or a
-    path under /run/credentials/UNIT/). `unread` says why the value was not read: only
-    check-config run outside the service gets such a Secret, and its `value` is then empty.
-    """
-
-    source: str
-    value: str
-    credential: str | None = None
-    unit: str | None = None
-    unread: str | None = None
-    notice: str | None = None  # something odd but maybe genuine (see password_notice)
-
-    def __repr__(self) -> str:
-        return f"Secret(source={self.source!r}, value='**********')"
-
-    __str__ = __repr__
-
-
-def _credential_of(path: Path) -> tuple[str, str] | None:
-    """(unit, name) for /run/credentials/UNIT/NAME, the path systemd gives a credential."""
-    if path.parent.parent == _CREDENTIALS_ROOT:
-        return path.parent.name, path.name
-    return None
-
-
-def _read_password(value: object, info: ValidationInfo) -> Secret:
-    if isinstance(value, Secret):
-        return value
-    if not isinstance(value, str) or not value:
-        raise ValueError("must be a file path or a credential name")
-    defer = bool(info.context and info.context.get(DEFER_CREDENTIALS))
-    cred: tuple[str | None, str] | None = None
-    if "/" in value:
-        path = Path(value)
-        cred = _credential_of(path)
-    else:
-        cred = (None, value)
-        cred_dir = os.environ.get(CREDENTIALS_ENV)
-        if not cred_dir:
-            why = (f"{value!r} is a systemd credential (LoadCredential=), present only inside "
-                   f"the service, and ${CREDENTIALS_ENV} is not set")
-            if defer:
-                return Secret(source=value, value="", credential=value, unread=why)
-            raise ValueError(why + "; outside the service run: systemd-run --wait --pipe "
-                             f"-p LoadCredential={value}:FILE etrnd ...")
-        path = Path(cred_dir) / value
-    if defer and cred is not None and cred[0] is not None and not path.exists():
-        unit, name = cred
-        return Secret(source=value, value="", credential=name, unit=unit,
-                      unread=f"{path} exists only inside {unit}")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    password = check_password_text(raw, str(path))
-    return Secret(source=str(path), value=password, credential=cred[1] if cred else None,
-                  notice=password_notice(password))
-
-
-def check_password_text(raw: str, where: str) -> str:
-    """The password in a secret file's text: one line, the line break stripped.
-
-    Raises ValueError naming `where` when it is empty or holds more than one line.
-    """
-    password = raw.rstrip("\r\n")
-    if not password:
-        raise ValueError(f"{where} is empty")
-    if any(c in password for c in "\r\n\0"):
-        raise ValueError(f"{where} holds more than one line")
-    return password
-
-
-def password_notice(password: str) -> str | None:
-    """Why a password may be a mistake although it could be genuine: blanks at either end
-    (`echo 'secret ' > file`, an editor's trailing space). Never quotes the password."""
-    ends = [where for where, edge in (("begins", password[:1]), ("ends", password[-1:]))
-            if edge.isspace()]
-    if not ends:
-        return None
-    return (f"the password {' and '.join(ends)} with white space; kept as is (sent so in "
-            "AUTH): remove it from the file unless it is part of the password")
-
-
-def check_atrn_domain(value: str) -> str:
-    """An ATRN argument (RFC 2645 section 4.2.1): a domain name, no @, # or trailing dot."""
-    _no_blank_or_control(value)
-    if value[0] == "@":
-        raise ValueError(f"{value!r}: ATRN takes domain names; write {value[1:]!r}")
-    if value[0] == "#":  # stripping the # would turn a queue name into a domain
-        raise ValueError(f"{value!r}: ODMR (ATRN) takes domain names, no queue names; "
-                         "write the domain(s) the provider holds mail for")
-    if not value.isascii():
-        raise ValueError(f"{value!r} is not ASCII (write an internationalised domain as xn--...)")
-    if value.endswith(".") or not _HOSTNAME.match(value) or _is_ip(value):
-        raise ValueError(f"{value!r} is not a domain name")
-    return value
-
-
-@dataclass(frozen=True)
-class DeliverTo:
-    """Where ODMR mail goes: the office MTA by SMTP or LMTP, over TCP or a unix socket."""
-
-    lmtp: bool
-    host: str | None = None  # TCP: a host name or address (no brackets)
-    port: int | None = None
-    path: str | None = None  # LMTP over a unix socket
-
-    def __str__(self) -> str:
-        if self.path is not None:
-            return f"lmtp:{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{'lmtp:' if self.lmtp else ''}{host}:{self.port}"
-
-
-DEFAULT_DELIVER_TO = DeliverTo(lmtp=False, host="127.0.0.1", port=25)
-_HOST_PORT = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d{1,5}))?$")
-
-
-def parse_deliver_to(value: object) -> DeliverTo:
-    """`HOST:PORT` (SMTP, port 25 if left out), `lmtp:HOST:PORT` (port 24), `lmtp:/path`."""
-    if isinstance(value, DeliverTo):
-        return value
-    if not isinstance(value, str):
-        raise ValueError('must be "HOST:PORT", "lmtp:HOST:PORT" or "lmtp:/path/to/socket"')
-    _no_blank_or_control(value)
-    lmtp = value.lower().startswith("lmtp:")
-    rest = value[5:] if lmtp else value
-    if rest.startswith("/"):
-        if not lmtp:
-            raise ValueError(f"{value!r}: a socket path needs LMTP; write 'lmtp:{rest}'")
-        return DeliverTo(lmtp=True, path=rest)
-    match = _HOST_PORT.match(rest)
-    if match is None:
-        raise ValueError(f'{value!r} is not "HOST:PORT", "lmtp:HOST:PORT" or "lmtp:/path" '
-                         "(an IPv6 address goes in brackets: [::1]:25)")
-    host = match.group("v6") or match.group("host")
-    if match.group("v6") is not None and not _is_ip(host):
-        raise ValueError(f"{value!r}: {host!r} is not an IPv6 address")
-    _check_server(host)
-    port = int(match.group("port") or (24 if lmtp else 25))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{value!r}: the port must be 1-65535")
-    return DeliverTo(lmtp=lmtp, host=host, port=port)
-
-
-def _check_source(value: str) -> str:
-    """`source:` of a relay: auto, kernel, or an address of this machine (see etrnd.egress)."""
-    if value in ("auto", "kernel") or _is_ip(value):
-        return value
-    raise ValueError(f"{value!r} is not auto, kernel or an IP address to send from")
-
-
 def _local_mta_shorthand(value: object) -> object:
     # `local_mta: 127.0.0.1:25` is `local_mta: {address: 127.0.0.1:25}`.
     return {"address": value} if isinstance(value, str) else value
@@ -338,16 +57,16 @@ def _local_mta_shorthand(value: object) -> object:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
-HostName = Annotated[str, AfterValidator(_check_hostname)]
-ServerName = Annotated[str, AfterValidator(_check_server)]  # connect() takes no [literal]
-WireToken = Annotated[str, AfterValidator(_no_blank_or_control)]
-InterfacePattern = Annotated[str, AfterValidator(_check_ifname)]
+HostName = Annotated[str, AfterValidator(check_hostname)]
+ServerName = Annotated[str, AfterValidator(check_server)]  # connect() takes no [literal]
+WireToken = Annotated[str, AfterValidator(no_blank_or_control)]
+InterfacePattern = Annotated[str, AfterValidator(check_ifname)]
 # Dumped as its source path so model_dump()/JSON status can never carry the password.
 DeliverTarget = Annotated[
     DeliverTo, BeforeValidator(parse_deliver_to), PlainSerializer(str, return_type=str)
 ]
 Password = Annotated[
-    Secret, BeforeValidator(_read_password), PlainSerializer(lambda s: s.source, return_type=str)
+    Secret, BeforeValidator(read_password), PlainSerializer(lambda s: s.source, return_type=str)
 ]
 
 
@@ -380,7 +99,7 @@ def default_helo(name: str | None = None) -> str:
     """
     name = socket.getfqdn() if name is None else name
     try:
-        return _check_hostname(name)
+        return check_hostname(name)
     except ValueError:
         return "localhost"
 
@@ -399,7 +118,7 @@ class Relay(_Model):
     etrn: tuple[EtrnArgument, ...] = Field(min_length=1)  # odmr: the domains for ATRN
     deliver_to: DeliverTarget | None = None  # odmr only; default DEFAULT_DELIVER_TO
     # Address to send from: auto | kernel | an address (etrnd.egress; README "egress").
-    source: Annotated[str, AfterValidator(_check_source)] = "auto"
+    source: Annotated[str, AfterValidator(check_source)] = "auto"
 
     @field_validator("etrn")
     @classmethod

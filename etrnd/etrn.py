@@ -22,7 +22,7 @@ from etrnd.attempt import (
     ignore_reply,
     over_hosts,
 )
-from etrnd.config import Relay, check_etrn_argument, default_helo
+from etrnd.config import Relay, default_helo
 from etrnd.logs import get_logger
 from etrnd.replies import (
     Outcome,
@@ -34,6 +34,7 @@ from etrnd.replies import (
     setup_error,
 )
 from etrnd.transcript import TranscriptSMTP
+from etrnd.values import check_etrn_argument
 
 # Sendmail tarpits a session from its 8th ETRN; 5 keeps well clear and still batches.
 MAX_ETRN_PER_SESSION = 5

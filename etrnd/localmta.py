@@ -7,9 +7,9 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPDataError, SMTPException, SMTPResponseException
 
-from etrnd.config import DeliverTo
 from etrnd.replies import clean_text
 from etrnd.transcript import TranscriptSMTP
+from etrnd.values import DeliverTo
 
 QUIT_TIMEOUT = 2.0
 # MAIL parameters passed on when the office MTA advertises the extension (RFC 1870, 6152,

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiosmtplib import SMTP
 
-from etrnd.config import DeliverTo
 from etrnd.logs import get_logger, iso
+from etrnd.values import DeliverTo
 
 PROBE_TIMEOUT = 2.0  # connect + greeting, per probe (seconds)
 PROBE_EVERY = 1.0  # between probes while waiting (seconds): loopback, cheap

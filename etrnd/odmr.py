@@ -19,7 +19,7 @@ from etrnd.attempt import (
     ignore_reply,
     over_hosts,
 )
-from etrnd.config import Relay, check_atrn_domain
+from etrnd.config import Relay
 from etrnd.etrn import (
     _describe,
     _goodbye,
@@ -40,6 +40,7 @@ from etrnd.replies import (
     setup_error,
 )
 from etrnd.transcript import TranscriptSMTP
+from etrnd.values import check_atrn_domain
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512

@@ -8,15 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from etrnd.config import (
-    Config,
-    ConfigError,
-    Secret,
-    check_password_text,
-    load_config,
-    password_notice,
-    resolve_path,
-)
+from etrnd.config import Config, ConfigError, load_config, resolve_path
+from etrnd.credentials import Secret, check_password_text, password_notice
 from etrnd.logs import get_logger
 
 EXIT_CONFIG = 2

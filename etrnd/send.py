@@ -7,13 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from etrnd import egress
-from etrnd.config import Config, Relay, Retry, check_atrn_domain, check_etrn_argument
+from etrnd.config import Config, Relay, Retry
 from etrnd.etrn import resolve_helo
 from etrnd.logs import configure
 from etrnd.mtagate import Gate
 from etrnd.offloop import ThreadPerCall
 from etrnd.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.rounds import RoundResult, run_all
+from etrnd.values import check_atrn_domain, check_etrn_argument
 
 EXIT_OK = 0
 EXIT_REFUSED = 3

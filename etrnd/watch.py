@@ -16,11 +16,12 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from etrnd.config import ConfigError, Watch, load_config, parse_duration
+from etrnd.config import ConfigError, Watch, load_config
 from etrnd.debounce import Debouncer
 from etrnd.linkstate import LinkState, Snapshot, Verdict
 from etrnd.logs import configure, get_logger, iso
 from etrnd.netlink import DEFAULT_RCVBUF, NetlinkSource
+from etrnd.values import parse_duration
 
 log = get_logger()
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config import ConfigError, load_config, parse_duration, parse_yaml
+from etrnd.config import ConfigError, load_config, parse_yaml
+from etrnd.values import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "etrnd.example.yaml"

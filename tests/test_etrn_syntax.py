@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config import check_etrn_argument
+from etrnd.values import check_etrn_argument
 from tests.nettools import netns
 from tests.postfix import postfix
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config import DeliverTo
 from etrnd.mtagate import Gate
+from etrnd.values import DeliverTo
 from tests.daemonproc import running, wait_for
 from tests.nettools import linked
 from tests.postfix import ISP_ADDR, OFFICE_ADDR, PREFIX_LEN, postfix, receiver

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config import ConfigError, DeliverTo, parse_deliver_to, parse_yaml
+from etrnd.config import ConfigError, parse_yaml
+from etrnd.values import DeliverTo, parse_deliver_to
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
-from etrnd.config import CREDENTIALS_ENV, DEFAULT_PATH, ENV_CONFIG, Control
+from etrnd.config import DEFAULT_PATH, ENV_CONFIG, Control
+from etrnd.credentials import CREDENTIALS_ENV
 from tests.test_install import BUILD_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
