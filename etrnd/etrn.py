@@ -194,6 +194,40 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
     log.info("etrn_auth", user=auth.username, mechanism=offered[0])
 
 
+def client(relay: Relay, host: str, log: Any) -> TranscriptSMTP:
+    """The aiosmtplib client for one session to `host` (ETRN or ODMR); at log level debug it
+    logs each SMTP line. Not connected yet: see open_secure."""
+    return TranscriptSMTP(
+        hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
+        timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
+        transcript_log=log,
+    )
+
+
+async def open_secure(smtp: TranscriptSMTP, relay: Relay, host: str, log: Any) -> str:
+    """Connect and secure per `relay.tls`; returns the TLS state ("none" or the version).
+
+    The trust store is loaded off the loop; the route to the relay is checked against the
+    link that is up and `source:` applied (etrnd.egress). aiosmtplib resolves `host` with the
+    loop's getaddrinfo (in the executor) under `timeout`: a hung name server costs this
+    session its timeout, not the loop. Raises what aiosmtplib raises, or _Refused.
+    """
+    if relay.tls != "none":
+        smtp.tls_context = await tls_context_off_loop(relay.verify)
+    smtp.source_address = await egress.source_for(relay, host, relay.timeout)
+    await smtp.connect()
+    tls = await _secure(smtp, relay, host, log)
+    if tls != "none" and not relay.verify:
+        log.warning("tls_not_verified", reason="verify: false in the config")
+    return tls
+
+
+def verdict_of(exc: Exception) -> Verdict:
+    """What an exception out of a session means: a refusal carries its verdict (logged where
+    it happened); anything else is a transient failure (connect, TLS, time-out, protocol)."""
+    return exc.verdict if isinstance(exc, _Refused) else _describe(exc)
+
+
 async def _goodbye(smtp: SMTP, step_timeout: float) -> None:
     try:
         if smtp.is_connected:
@@ -213,24 +247,11 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
     cancel the session is closed (QUIT with a short timeout) before it propagates.
     """
     log = get_logger().bind(relay=relay.label, host=host)
-    smtp = TranscriptSMTP(  # an aiosmtplib.SMTP; at log level debug it logs each line
-        hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
-        timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
-        transcript_log=log,
-    )
+    smtp = client(relay, host, log)
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     try:
-        if relay.tls != "none":
-            smtp.tls_context = await tls_context_off_loop(relay.verify)
-        # The route to the relay, checked against the link that is up (etrnd.egress).
-        smtp.source_address = await egress.source_for(relay, host, relay.timeout)
-        # aiosmtplib resolves `host` with the loop's getaddrinfo (in the executor) under
-        # `timeout`: a hung name server costs this session its timeout, not the loop.
-        await smtp.connect()
-        tls = await _secure(smtp, relay, host, log)
+        tls = await open_secure(smtp, relay, host, log)
         log.info("etrn_session", port=relay.effective_port, tls=tls, attempt=attempt)
-        if tls != "none" and not relay.verify:
-            log.warning("tls_not_verified", reason="verify: false in the config")
         if relay.auth is not None:
             await _authenticate(smtp, relay, tls, log)
         if not smtp.supports_extension("etrn"):
@@ -251,16 +272,12 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
     except asyncio.CancelledError:
         quit_timeout = min(quit_timeout, CANCEL_QUIT_TIMEOUT)
         raise
-    except _Refused as exc:
-        if exc.verdict.outcome is Outcome.TRANSIENT:
-            log.warning("etrn_session_failed", error=exc.verdict.error, text=exc.verdict.text,
-                        attempt=attempt)
-        return exc.verdict
     except Exception as exc:
         # Whatever the server sent (or failed to send) ends up here as a classified failure.
-        verdict = _describe(exc)
-        log.warning("etrn_session_failed", error=verdict.error, text=verdict.text,
-                    attempt=attempt)
+        verdict = verdict_of(exc)
+        if verdict.outcome is Outcome.TRANSIENT:
+            log.warning("etrn_session_failed", error=verdict.error, text=verdict.text,
+                        attempt=attempt)
         return verdict
     finally:
         await _goodbye(smtp, quit_timeout)
@@ -306,4 +323,5 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
 
 
 __all__ = ["MAX_ETRN_PER_SESSION", "AttemptResult", "OnHost", "OnReply", "attempt",
-           "helo_name", "resolve_helo", "session", "tls_context", "tls_context_off_loop"]
+           "client", "helo_name", "open_secure", "resolve_helo", "session", "tls_context",
+           "tls_context_off_loop", "verdict_of"]

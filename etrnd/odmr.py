@@ -9,7 +9,7 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError
 
-from etrnd import egress, turnaround
+from etrnd import turnaround
 from etrnd.attempt import (
     AttemptResult,
     Messages,
@@ -21,12 +21,12 @@ from etrnd.attempt import (
 )
 from etrnd.config import Relay
 from etrnd.etrn import (
-    _describe,
     _goodbye,
     _Refused,
-    _secure,
+    client,
     helo_name,
-    tls_context_off_loop,
+    open_secure,
+    verdict_of,
 )
 from etrnd.localmta import LocalMta
 from etrnd.logs import get_logger
@@ -168,19 +168,13 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
     Only CancelledError escapes, after the connection is closed.
     """
     log = get_logger().bind(relay=relay.label, host=host)
-    smtp = TranscriptSMTP(  # an aiosmtplib.SMTP; at log level debug it logs each line
-        hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
-        timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
-        transcript_log=log,
-    )
+    smtp = client(relay, host, log)
     quit_timeout = min(relay.timeout, QUIT_TIMEOUT)
     turned = False
     try:
-        await _connect(smtp, relay, host)
-        tls = await _secure(smtp, relay, host, log)
+        # Opened as ETRN sessions are: the provider sees the office over the link that is up.
+        tls = await open_secure(smtp, relay, host, log)
         log.info("odmr_session", port=relay.effective_port, tls=tls, attempt=attempt)
-        if tls != "none" and not relay.verify:
-            log.warning("tls_not_verified", reason="verify: false in the config")
         await _authenticate(smtp, relay, tls, log)
         if not smtp.supports_extension("atrn"):
             log.warning("odmr_atrn_not_advertised", reason="EHLO does not list ATRN; trying")
@@ -205,30 +199,17 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
     except asyncio.CancelledError:
         quit_timeout = min(quit_timeout, CANCEL_QUIT_TIMEOUT)
         raise
-    except _Refused as exc:
-        if exc.verdict.outcome is Outcome.TRANSIENT:
-            log.warning("odmr_session_failed", error=exc.verdict.error, text=exc.verdict.text,
-                        attempt=attempt)
-        return exc.verdict
     except Exception as exc:
-        verdict = _describe(exc)
-        log.warning("odmr_session_failed", error=verdict.error, text=verdict.text,
-                    attempt=attempt)
+        verdict = verdict_of(exc)
+        if verdict.outcome is Outcome.TRANSIENT:
+            log.warning("odmr_session_failed", error=verdict.error, text=verdict.text,
+                        attempt=attempt)
         return verdict
     finally:
         if turned:
             smtp.close()  # the provider's QUIT ended it, or it is gone: nothing more to say
         else:
             await _goodbye(smtp, quit_timeout)
-
-
-async def _connect(smtp: TranscriptSMTP, relay: Relay, host: str) -> None:
-    """Open the connection as ETRN sessions do: route checked, from the `source:` address."""
-    if relay.tls != "none":
-        smtp.tls_context = await tls_context_off_loop(relay.verify)  # reads the trust store
-    # The provider sees the office over the link that is up (etrnd.egress), as for ETRN.
-    smtp.source_address = await egress.source_for(relay, host, relay.timeout)
-    await smtp.connect()
 
 
 def _checked(batch: list[str], result: AttemptResult, on_reply: OnReply, log: Any) -> list[str]:
