@@ -42,7 +42,7 @@ from pyroute2 import IPRoute
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.nettools import Netns, linked  # noqa: E402
+from tests.support.nettools import Netns, linked  # noqa: E402
 
 ISP, OFFICE, PORT = "198.51.100.1", "198.51.100.2", 25
 CLONE_NEWNET = 0x40000000

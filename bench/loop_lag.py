@@ -25,10 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.daemonproc import Daemon, ScriptServer, wait_for  # noqa: E402
-from tests.nettools import linked  # noqa: E402
-from tests.test_daemon import PORT, Wan, write_config  # noqa: E402
-from tests.test_stall_e2e import (  # noqa: E402
+from tests.service.test_daemon import PORT, Wan, write_config  # noqa: E402
+from tests.service.test_stall_e2e import (  # noqa: E402
     FLAPS,
     Sink,
     StatusProbe,
@@ -36,6 +34,8 @@ from tests.test_stall_e2e import (  # noqa: E402
     blackholed,
     flap,
 )
+from tests.support.daemonproc import Daemon, ScriptServer, wait_for  # noqa: E402
+from tests.support.nettools import linked  # noqa: E402
 
 
 def ms(values: list[float]) -> str:

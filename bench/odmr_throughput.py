@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.odmrlab import ASKED, OdmrLab, odmr_lab  # noqa: E402
+from tests.support.odmrlab import ASKED, OdmrLab, odmr_lab  # noqa: E402
 
 STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) "
 

@@ -24,8 +24,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from etrnd.control import ControlError, request  # noqa: E402
-from tests.nettools import linked  # noqa: E402
+from etrnd.service.control import ControlError, request  # noqa: E402
+from tests.support.nettools import linked  # noqa: E402
 
 ISP_ADDR, OFFICE_ADDR = "198.51.100.1", "198.51.100.2"
 # Events that mean a bug, not a bad server.
@@ -35,9 +35,9 @@ CRASH_EVENTS = ("round_crashed", "daemon_fatal", "control_error", "link_watch_fa
 
 def _daemon(config: str, task_file: str) -> int:
     """`etrnd run`, plus SIGUSR2 -> write len(asyncio.all_tasks()) to task_file."""
-    from etrnd import logs
-    from etrnd.config import load_config
-    from etrnd.daemon import Daemon
+    from etrnd.config.schema import load_config
+    from etrnd.outputs import logs
+    from etrnd.service.daemon import Daemon
 
     cfg = load_config(config)
     logs.configure(cfg.log.level, cfg.log.format)
@@ -107,7 +107,7 @@ def soak(cycles: int, max_seconds: float, seed: int, workdir: Path,
     with linked("s", ISP_ADDR, OFFICE_ADDR) as pair:
         isp, office, isp_if, office_if = pair.isp, pair.office, pair.isp_if, pair.office_if
         isp.ip("link", "set", isp_if, "up")
-        adversary = isp.popen(sys.executable, "-m", "tests.adversary", "--listen",
+        adversary = isp.popen(sys.executable, "-m", "tests.support.adversary", "--listen",
                               f"{ISP_ADDR}:25", "--mode", "random", "--seed", str(seed),
                               cwd=ROOT, stdout=subprocess.PIPE)
         assert adversary.stdout is not None

@@ -5,7 +5,7 @@ Run as root from the repository root:
     .venv/bin/python bench/watch_storm.py [--routes 500000] [--flaps 60]
 
 It makes its own network namespace (veth pairs only, documentation addresses, no default
-route out), runs `python -m etrnd.watch` and `ip monitor route` in it side by side while
+route out), runs `python -m etrnd.link.watcher` and `ip monitor route` in it side by side while
 `ip -batch` adds the routes to another interface, reads each process's CPU time from
 /proc/PID/stat, then flaps the WAN's carrier and times `ip link set PEER up` against the
 CLOCK_MONOTONIC stamp the watcher prints with its decision, and also against an independent
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.nettools import Netns, netns, unique, veth  # noqa: E402
+from tests.support.nettools import Netns, netns, unique, veth  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -199,7 +199,7 @@ def main() -> int:
         ns.ip("addr", "add", "198.51.100.2/24", "dev", wan)
         ns.ip("route", "add", "default", "via", "198.51.100.1", "dev", wan)
         extra = ["--debug-no-filter"] if args.no_filter else []
-        watcher = ns.popen(sys.executable, "-m", "etrnd.watch", "--interfaces", wan,
+        watcher = ns.popen(sys.executable, "-m", "etrnd.link.watcher", "--interfaces", wan,
                            "--family", "ipv4", "--settle", "0", "--min-interval", "0",
                            *extra, cwd=REPO, stdout=subprocess.PIPE)
         out = Lines(watcher)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etrnd import __version__
-from etrnd.config import Config, resolve_path
-from etrnd.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
+from etrnd.config.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
+from etrnd.config.schema import Config, resolve_path
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -107,15 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return send_command(path, args.relay, list(args.args), debug=args.debug)
         if args.command == "run":
-            from etrnd.daemon import run_command
+            from etrnd.service.daemon import run_command
 
             return run_command(path)
         if args.command == "trigger":
-            from etrnd.control import trigger_command
+            from etrnd.service.control import trigger_command
 
             return trigger_command(path, args.relay)
         if args.command == "status":
-            from etrnd.control import status_command
+            from etrnd.service.control import status_command
 
             return status_command(path, as_json=args.json)
     except KeyboardInterrupt:

@@ -6,15 +6,15 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from etrnd import egress
-from etrnd.config import Config, Relay, Retry
-from etrnd.etrn import resolve_helo
-from etrnd.logs import configure
-from etrnd.mtagate import Gate
-from etrnd.offloop import ThreadPerCall
-from etrnd.preflight import EXIT_CONFIG, load_or_report, warn_secrets
-from etrnd.rounds import RoundResult, run_all
-from etrnd.values import check_atrn_domain, check_etrn_argument
+from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
+from etrnd.config.schema import Config, Relay, Retry
+from etrnd.config.values import check_atrn_domain, check_etrn_argument
+from etrnd.link import egress
+from etrnd.loop.offloop import ThreadPerCall
+from etrnd.outputs.logs import configure
+from etrnd.protocols.etrn import resolve_helo
+from etrnd.service.mtagate import Gate
+from etrnd.service.rounds import RoundResult, run_all
 
 EXIT_OK = 0
 EXIT_REFUSED = 3
@@ -56,7 +56,7 @@ async def _send(relays: Sequence[Relay], retry: Retry,
     # A lookup hung on a dead name server must not hold up the exit (see offloop).
     asyncio.get_running_loop().set_default_executor(ThreadPerCall())
     # No watcher here: the route to each relay is checked against the link state read once,
-    # by the daemon's own rules (etrnd.egress.expected_now), while the HELO name resolves.
+    # by the daemon's own rules (etrnd.link.egress.expected_now), while the HELO name resolves.
     reading = asyncio.create_task(egress.expected_now(config.watch)) if config else None
     if any(r.helo is None for r in relays):
         await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name

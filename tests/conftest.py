@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.nettools import is_root
+from tests.support.nettools import is_root
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

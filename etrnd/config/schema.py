@@ -1,0 +1,364 @@
+"""Load and validate the YAML configuration into frozen pydantic models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from etrnd.config.credentials import DEFER_CREDENTIALS, Secret, read_password
+from etrnd.config.values import (
+    DEFAULT_DELIVER_TO,
+    DeliverTo,
+    check_atrn_domain,
+    check_etrn_argument,
+    check_hostname,
+    check_ifname,
+    check_server,
+    check_source,
+    no_blank_or_control,
+    parse_deliver_to,
+    parse_duration,
+)
+
+DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
+ENV_CONFIG = "ETRND_CONFIG"
+
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as `key.path: reason`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _local_mta_shorthand(value: object) -> object:
+    # `local_mta: 127.0.0.1:25` is `local_mta: {address: 127.0.0.1:25}`.
+    return {"address": value} if isinstance(value, str) else value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
+HostName = Annotated[str, AfterValidator(check_hostname)]
+ServerName = Annotated[str, AfterValidator(check_server)]  # connect() takes no [literal]
+WireToken = Annotated[str, AfterValidator(no_blank_or_control)]
+InterfacePattern = Annotated[str, AfterValidator(check_ifname)]
+# Dumped as its source path so model_dump()/JSON status can never carry the password.
+DeliverTarget = Annotated[
+    DeliverTo, BeforeValidator(parse_deliver_to), PlainSerializer(str, return_type=str)
+]
+Password = Annotated[
+    Secret, BeforeValidator(read_password), PlainSerializer(lambda s: s.source, return_type=str)
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class Watch(_Model):
+    interfaces: tuple[InterfacePattern, ...] = ()
+    up_when: Literal["carrier", "address", "default-route"] = "default-route"
+    family: Literal["ipv4", "ipv6", "any"] = "any"
+    settle: Duration = 2.0
+    min_interval: Duration = 30.0
+
+
+class Auth(_Model):
+    username: WireToken
+    password_file: Password
+    allow_plaintext: bool = False
+
+
+TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
+
+
+def default_helo(name: str | None = None) -> str:
+    """The machine's FQDN (or `name`), or its host name when that is all /etc/hosts knows.
+
+    Without `name` this asks the resolver, which can hang for many seconds: never call it on
+    the event loop (etrn.resolve_helo runs it off the loop with a bound).
+    """
+    name = socket.getfqdn() if name is None else name
+    try:
+        return check_hostname(name)
+    except ValueError:
+        return "localhost"
+
+
+class Relay(_Model):
+    name: WireToken | None = None
+    protocol: Literal["etrn", "odmr"] = "etrn"  # odmr: RFC 2645 ATRN, mail over this session
+    host: ServerName | None = None
+    hosts: tuple[ServerName, ...] | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: TlsMode = "opportunistic"
+    verify: bool = True
+    helo: HostName | None = None
+    auth: Auth | None = None
+    timeout: Duration = 30.0
+    etrn: tuple[EtrnArgument, ...] = Field(min_length=1)  # odmr: the domains for ATRN
+    deliver_to: DeliverTarget | None = None  # odmr only; default DEFAULT_DELIVER_TO
+    # Address to send from: auto | kernel | an address (etrnd.link.egress; README "egress").
+    source: Annotated[str, AfterValidator(check_source)] = "auto"
+
+    @field_validator("etrn")
+    @classmethod
+    def _check_atrn(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("protocol") == "odmr":
+            problems = []
+            for domain in value:
+                try:
+                    check_atrn_domain(domain)
+                except ValueError as exc:
+                    problems.append(str(exc))
+            if problems:
+                raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Relay:
+        if (self.host is None) == (self.hosts is None):
+            raise ValueError("give exactly one of host or hosts")
+        if self.protocol == "etrn" and self.deliver_to is not None:
+            raise ValueError("deliver_to only applies with protocol: odmr")
+        if self.protocol == "odmr" and self.auth is None:
+            raise ValueError("protocol: odmr needs auth (RFC 2645: ATRN only after AUTH)")
+        # ODMR without TLS may still AUTH with CRAM-MD5, which never sends the password.
+        if (self.auth is not None and self.tls == "none" and not self.auth.allow_plaintext
+                and self.protocol != "odmr"):
+            raise ValueError(
+                "auth with tls: none would send the password in clear; "
+                "use TLS or set auth.allow_plaintext: true"
+            )
+        if self.auth is not None and self.auth.allow_plaintext and self.tls != "none":
+            raise ValueError("auth.allow_plaintext only applies with tls: none")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be greater than 0")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.all_hosts[0]
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        return self.hosts if self.hosts is not None else (self.host or "",)
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        if self.protocol == "odmr":
+            return 366  # RFC 2645 section 3, with or without implicit TLS
+        return 465 if self.tls == "implicit" else 25
+
+    @property
+    def effective_deliver_to(self) -> DeliverTo:
+        return self.deliver_to if self.deliver_to is not None else DEFAULT_DELIVER_TO
+
+
+class Retry(_Model):
+    first_delay: Duration = 5.0
+    max_delay: Duration = 600.0
+    factor: float = Field(default=2.0, ge=1.0, le=100.0)
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+    give_up_after: Duration = 7200.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Retry:
+        if self.first_delay <= 0:
+            raise ValueError("first_delay must be greater than 0")
+        if self.max_delay < self.first_delay:
+            raise ValueError("max_delay must not be shorter than first_delay")
+        return self
+
+
+def _check_socket_path(value: Path) -> Path:
+    # bind() raises ValueError, not OSError, on a NUL: the daemon would die with a traceback.
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(value)):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+class Control(_Model):
+    socket: Annotated[Path, AfterValidator(_check_socket_path)] = Path("/run/etrnd/control.sock")
+
+
+class Log(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json", "journal"] = "auto"
+
+
+class LocalMtaCheck(_Model):
+    """Hold rounds until this MTA greets with 220 (etrnd.service.mtagate), at most max_wait."""
+
+    address: DeliverTarget
+    max_wait: Duration = 300.0
+
+
+class Config(_Model):
+    local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = None
+    watch: Watch = Watch()
+    relays: tuple[Relay, ...] = Field(min_length=1)
+    retry: Retry = Retry()
+    repeat: Duration = 0.0
+    control: Control = Control()
+    log: Log = Log()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        seen: set[str] = set()
+        for relay in self.relays:
+            if relay.label in seen:
+                raise ValueError(f"relay name {relay.label!r} is used twice")
+            seen.add(relay.label)
+        return self
+
+    def relay(self, name: str) -> Relay:
+        for relay in self.relays:
+            if relay.label == name:
+                return relay
+        known = ", ".join(r.label for r in self.relays)
+        raise KeyError(f"no relay named {name!r} (configured: {known})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:  # `? [a]: b` or `{a: 1}: b`: YAML allows it, no config key is one
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value, not a list or mapping",
+                key_node.start_mark) from None
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """`-c FILE`, else `$ETRND_CONFIG`, else the system default."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_PATH
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # Pydantic puts validator names (e.g. "function-after[...]") into some locations.
+    parts = [_key(p) for p in loc if not (isinstance(p, str) and "[" in p)]
+    return ".".join(parts) or "(top level)"
+
+
+def _key(part: int | str) -> str:
+    # An unknown key is the user's text: quote it when it is empty or holds a line break or
+    # other control, so each problem stays one readable `key.path: reason` line.
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
+# Pydantic's words for its own types (tuple, dict, model) mean nothing to someone writing
+# YAML: say it in YAML's terms. Keyed by error type, so every field gets the same wording.
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+    "tuple_type": "should be a list, e.g. [a, b]",
+    "list_type": "should be a list, e.g. [a, b]",
+    "dict_type": "should be a mapping of keys (key: value)",
+    "model_type": "should be a mapping of keys (key: value)",
+}
+
+
+def _problems(exc: ValidationError) -> Iterator[str]:
+    errors = exc.errors(include_url=False, include_input=False)
+    locs = [_format_loc(err["loc"]) for err in errors]
+    for err, loc in zip(errors, locs, strict=True):
+        # A list whose items failed also reports "too short": only the items' reasons help.
+        if err["type"] == "too_short" and any(o.startswith(loc + ".") for o in locs):
+            continue
+        msg = _MESSAGES.get(err["type"], err["msg"])
+        for prefix in ("Value error, ", "Assertion failed, "):
+            msg = msg.removeprefix(prefix)
+        yield f"{loc}: {msg}"
+
+
+def parse_config(data: object, *, defer_credentials: bool = False) -> Config:
+    """Validate an already-parsed YAML document.
+
+    With `defer_credentials`, a systemd credential that exists only inside the service is
+    returned as an unread Secret instead of failing (check-config from a shell).
+    """
+    if data is None:
+        raise ConfigError(["(top level): the file is empty; at least relays: is required"])
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping of keys (watch, relays, retry, ...)"])
+    try:
+        return Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
+    except ValidationError as exc:
+        raise ConfigError(list(_problems(exc))) from None
+
+
+def parse_yaml(text: str, source: str = "<config>", *,
+               defer_credentials: bool = False) -> Config:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError([f"{where}: YAML syntax: {exc.problem or exc.context}"]) from None
+    except yaml.YAMLError as exc:
+        # e.g. ReaderError (a control character): its text spans lines; a problem is one.
+        raise ConfigError([f"{source}: YAML syntax: {' '.join(str(exc).split())}"]) from None
+    except RecursionError:
+        # PyYAML composes recursively: `[[[[...` a few thousand deep exhausts the stack.
+        raise ConfigError([f"{source}: YAML syntax: nested too deeply"]) from None
+    return parse_config(data, defer_credentials=defer_credentials)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *,
+                defer_credentials: bool = False) -> Config:
+    """Read, parse and validate; every failure is a ConfigError with readable problems."""
+    resolved = resolve_path(path)
+    try:
+        raw = resolved.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{resolved}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{resolved}: not UTF-8 text (byte {exc.start})"]) from None
+    return parse_yaml(text, str(resolved), defer_credentials=defer_credentials)

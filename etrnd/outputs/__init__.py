@@ -1,0 +1,1 @@
+"""What etrnd tells: logs (console, JSON, journal), systemd notify, `etrnd status`."""

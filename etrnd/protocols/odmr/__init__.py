@@ -1,0 +1,1 @@
+"""ODMR (RFC 2645): the ATRN client, the reversed SMTP role, and the office MTA leg."""

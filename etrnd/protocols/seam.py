@@ -1,0 +1,113 @@
+"""The round's seam: one attempt on a relay, the same signature and result for ETRN and ODMR."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from etrnd.protocols.replies import Outcome, Verdict
+
+if TYPE_CHECKING:
+    from etrnd.config.schema import Relay
+
+OnHost = Callable[[str], None]
+OnReply = Callable[[str, Verdict], None]
+
+
+def ignore_host(_: str) -> None:
+    return None
+
+
+def ignore_reply(_: str, __: Verdict) -> None:
+    return None
+
+
+@dataclass
+class Messages:
+    """Messages that came over the relay's own connection (ODMR; ETRN never sees any).
+
+    relayed: accepted by the local MTA and then confirmed to the provider; refused: the local
+    MTA answered 5xx (the provider bounces them); deferred: 4xx or not confirmed (the provider
+    keeps them and offers them again).
+    """
+
+    relayed: int = 0
+    refused: int = 0
+    deferred: int = 0
+
+    def add(self, other: Messages) -> None:
+        self.relayed += other.relayed
+        self.refused += other.refused
+        self.deferred += other.deferred
+
+    def as_dict(self) -> dict[str, int]:
+        return {"relayed": self.relayed, "refused": self.refused, "deferred": self.deferred}
+
+
+@dataclass
+class AttemptResult:
+    """What one attempt (sessions over the relay's hosts) learned."""
+
+    replies: dict[str, Verdict] = field(default_factory=dict)  # per argument, this attempt
+    # Why the attempt ended early: the last transient failure after every host was tried, or
+    # the reply or AUTH refusal that ends the relay's round. None: all answered.
+    stop: Verdict | None = None
+    host: str | None = None  # the host that was tried last
+    messages: Messages = field(default_factory=Messages)
+
+
+class SendAttempt(Protocol):
+    """One attempt on `relay` for `args`: every host in turn until the arguments are answered.
+
+    Calls `on_host` before each host and `on_reply` as each argument is answered, and counts
+    each message that comes over the connection (ODMR) into `messages` as soon as it is
+    settled, so the count survives a cancel and `etrnd status` sees it live. Only
+    CancelledError escapes (sessions are closed first).
+    """
+
+    def __call__(self, relay: Relay, args: Sequence[str], *, attempt: int,
+                 on_host: OnHost, on_reply: OnReply,
+                 messages: Messages) -> Awaitable[AttemptResult]:
+        ...
+
+
+# One session on `host` for the arguments still unanswered: answers go into the result's
+# replies; returns None when it got through them, or the Verdict that ended it early.
+Session = Callable[[str, list[str], AttemptResult], Awaitable[Verdict | None]]
+
+
+async def over_hosts(relay: Relay, args: Sequence[str], on_host: OnHost,
+                     session: Session) -> AttemptResult:
+    """The relay's hosts in order, sessions on each until every argument is answered.
+
+    A transient stop (connect, TLS, time-out, protocol) moves on to the next host with the
+    arguments still unanswered; any other stop ends the attempt, since that host did answer.
+    """
+    result = AttemptResult()
+    todo = list(dict.fromkeys(args))
+    for host in relay.all_hosts:
+        result.host = host
+        on_host(host)
+        stop: Verdict | None = None
+        while todo:
+            stop = await session(host, todo, result)
+            todo = [a for a in todo if a not in result.replies]
+            if stop is not None:
+                break
+        result.stop = stop
+        if stop is None or stop.outcome is not Outcome.TRANSIENT:
+            return result
+    return result
+
+
+def attempt_for(relay: Relay) -> SendAttempt:
+    """The one place that picks the protocol: `relay.protocol` names the session module."""
+    # Imported here: the session modules import this one for its types.
+    if relay.protocol == "odmr":
+        from etrnd.protocols.odmr import client as odmr
+
+        return odmr.attempt
+    from etrnd.protocols import etrn
+
+    return etrn.attempt

@@ -1,0 +1,430 @@
+"""`etrnd run`: link decisions start ETRN rounds; signals, control socket and systemd notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Collection
+from pathlib import Path
+from typing import Any
+
+from etrnd import __version__
+from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
+from etrnd.config.schema import Config, ConfigError, Relay, load_config, resolve_path
+from etrnd.link import egress
+from etrnd.link.watcher import Decision, LinkWatcher
+from etrnd.loop import offloop
+from etrnd.loop.stall import Stall, StallDetector
+from etrnd.outputs import logs
+from etrnd.outputs import status as status_doc
+from etrnd.outputs.logs import get_logger
+from etrnd.outputs.sdnotify import Notifier
+from etrnd.protocols import etrn
+from etrnd.service.control import ControlError, ControlServer
+from etrnd.service.mtagate import Gate
+from etrnd.service.rounds import RelayStatus, run_round
+
+log = get_logger()
+
+# SIGTERM must end the process within a second even mid-session: QUIT gets this long.
+STOP_GRACE = 0.7
+# ... and a supervisor that does not read its notify socket gets this long for STOPPING=1.
+STOP_NOTIFY_DRAIN = 0.2
+# Reading the config (and the secrets it names) at reload runs off the loop; a file system
+# that hangs (a dead NFS server) fails the reload after this long, keeping the old config.
+RELOAD_READ_TIMEOUT = 10.0
+
+
+class Daemon:
+    """Owns the watcher, one round task per relay at most, and the outside interfaces."""
+
+    def __init__(self, path: Path, config: Config, notifier: Notifier | None = None,
+                 stalls: StallDetector | None = None) -> None:
+        self.path = path
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.stalls = stalls or StallDetector(sample=False)
+        self.stalls.on_stall = self.on_stall
+        self.started = time.time()
+        self.rounds_started = 0
+        self.last_round: float | None = None
+        self.link_since: float | None = None
+        self._stop = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._status: dict[str, RelayStatus] = {}
+        self._watcher: LinkWatcher | None = None
+        self._control: ControlServer | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._repeat: asyncio.Task[None] | None = None
+        # Relays a trigger already served while a link-up round was owed (settle, or
+        # min_interval): that round, when it comes, leaves them out.
+        self._served_early: set[str] = set()
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._gate: Gate | None = None
+        self._router = egress.Router()  # route look-ups before sessions, one socket kept
+        self._set_gate(config)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        log.info("daemon_start", version=__version__, pid=os.getpid(), config=str(self.path))
+        warn_secrets(self.config)
+        # Before anything slow: a SIGTERM during start-up must still end in a clean exit 0.
+        for sig, handler in (
+            (signal.SIGTERM, self._stop.set), (signal.SIGINT, self._stop.set),
+            (signal.SIGHUP, self.request_reload),
+            (signal.SIGUSR1, lambda: self.trigger(None, "SIGUSR1")),
+        ):
+            loop.add_signal_handler(sig, handler)
+        loop.set_default_executor(offloop.ThreadPerCall())
+        self._warm_up()
+        self._control = ControlServer(self.config.control.socket, self.handle_request)
+        await self._control.start()
+        try:
+            self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
+            await self._watcher.start()
+            await self._router.warm()
+            watch = self._spawn(self._follow_link(self._watcher))
+            self._spawn(self._watchdog())
+            self._restart_repeat()
+            self.notifier.ready(self.summary())
+            log.info("daemon_ready", link="up" if self._watcher.up else "down",
+                     why=self._watcher.why, relays=[r.label for r in self.config.relays])
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([stop, watch], return_when=asyncio.FIRST_COMPLETED)
+            failed = watch.done() and not watch.cancelled() and watch.exception() is not None
+            return 1 if failed else 0
+        finally:
+            await self._shutdown()
+
+    def _warm_up(self) -> None:
+        """Start the slow lookups now, off the loop, so that no link-up ever waits on them:
+        the machine's FQDN (EHLO without `helo:`) and the trust stores TLS relays need."""
+        if any(r.helo is None for r in self.config.relays):
+            self._spawn(self._resolve_helo())
+        for verify in {r.verify for r in self.config.relays if r.tls != "none"}:
+            self._spawn(self._load_trust(verify))
+
+    async def _resolve_helo(self) -> None:
+        await etrn.resolve_helo()
+
+    async def _load_trust(self, verify: bool) -> None:
+        with contextlib.suppress(Exception):  # a session that needs it will try and say why
+            await etrn.tls_context_off_loop(verify)
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE
+        self.notifier.stopping()
+        log.info("daemon_stop")
+        rounds = [*self._tasks.values(), *self._closing]
+        for task in [*rounds, *self._background]:
+            task.cancel()
+        if rounds:
+            # Rounds close their sessions (QUIT) on cancel; never wait past the grace period.
+            await asyncio.wait(rounds, timeout=STOP_GRACE)
+        if self._watcher is not None:
+            await self._watcher.close()
+        if self._control is not None:
+            await self._control.close()
+        # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
+        await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
+        self._router.close()
+        self.notifier.close()
+
+    def on_stall(self, stall: Stall) -> None:
+        # `where`: the loop thread's innermost frames while it was stuck, when sampled.
+        where = {"where": stall.where} if stall.where else {}
+        log.warning("event_loop_stalled", duration_ms=round(stall.duration * 1000, 1),
+                    threshold_ms=round(self.stalls.threshold * 1000), **where)
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _follow_link(self, watcher: LinkWatcher) -> None:
+        try:
+            async for decision in watcher.decisions():
+                self.on_decision(decision)
+        except Exception as exc:
+            log.error("daemon_fatal", reason="link watcher failed", error=str(exc))
+            raise
+
+    def on_decision(self, decision: Decision) -> None:
+        if decision.kind == "up":
+            self.link_since = time.time()
+        elif decision.kind == "down":
+            self.link_since = time.time()
+            self._served_early.clear()
+            self.cancel_rounds("link_down")
+        else:
+            served, self._served_early = self._served_early, set()
+            self.start_rounds(None, "link_up", skip=served)
+        self._publish()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        seen = self.stalls.stalls
+        while True:
+            # Only a live loop runs this; only a live netlink reader earns the ping, and not
+            # right after a stall: the late wake-up must not vouch for the blocked period.
+            if (self._watcher is not None and self._watcher.healthy()
+                    and self.stalls.stalls == seen):
+                self.notifier.watchdog()
+            seen = self.stalls.stalls
+            await asyncio.sleep(interval)
+
+    def _restart_repeat(self) -> None:
+        if self._repeat is not None:
+            self._repeat.cancel()
+            self._repeat = None
+        if self.config.repeat > 0:
+            self._repeat = self._spawn(self._repeat_rounds(self.config.repeat))
+
+    async def _repeat_rounds(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            if self._watcher is not None and self._watcher.up:
+                self.start_rounds(None, "repeat")
+
+    # --- rounds ----------------------------------------------------------------------------
+    def start_rounds(self, only: str | None, reason: str,
+                     skip: Collection[str] = ()) -> list[str]:
+        """Start a round on each relay (or one) that has none running; returns their names."""
+        started: list[str] = []
+        for relay in self.config.relays:
+            if (only is not None and relay.label != only) or relay.label in skip:
+                continue
+            running = self._tasks.get(relay.label)
+            if running is not None:
+                # A round is already on it: a trigger cuts its backoff short, nothing queues.
+                if reason != "link_up" and reason != "repeat":
+                    self._wake[relay.label].set()
+                log.info("round_busy", relay=relay.label, reason=reason)
+                continue
+            started.append(relay.label)
+            self._wake.setdefault(relay.label, asyncio.Event()).clear()
+            self._tasks[relay.label] = asyncio.create_task(
+                self._round(relay, reason), name=f"etrnd-round-{relay.label}")
+        if started:
+            self.rounds_started += 1
+            self.last_round = time.time()
+        return started
+
+    async def _round(self, relay: Relay, reason: str) -> None:
+        status = self._status.setdefault(relay.label, RelayStatus(relay.label))
+        wake = self._wake[relay.label]
+
+        async def sleep(delay: float) -> None:
+            # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
+            # wait_for: in 3.11 wait_for can swallow the cancel a link-down sends.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await wake.wait()
+            wake.clear()
+
+        try:
+            if self._gate is not None:
+                await self._hold(relay)  # False when the wait ran out: the round goes ahead
+            log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
+            with egress.expecting(self._expected()):
+                await run_round(relay, self.config.retry, None, status, sleep=sleep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost one relay one round, not the daemon
+            log.error("round_crashed", relay=relay.label, error=type(exc).__name__,
+                      text=str(exc)[:300])
+        finally:
+            if self._tasks.get(relay.label) is asyncio.current_task():
+                del self._tasks[relay.label]
+            self._publish()
+
+    async def _hold(self, relay: Relay) -> bool:
+        """Wait for the office MTA's 220 (config local_mta), shared by all relays' rounds."""
+        assert self._gate is not None
+        self._publish()
+        try:
+            return await self._gate.ready(relay.label)
+        finally:
+            self._publish()
+
+    def _set_gate(self, config: Config) -> None:
+        mta = config.local_mta
+        if mta is None:
+            self._gate = None
+        elif self._gate is None or (self._gate.target, self._gate.max_wait) != (mta.address,
+                                                                                 mta.max_wait):
+            self._gate = Gate(mta.address, mta.max_wait)
+
+    def _expected(self) -> egress.Expected:
+        watcher = self._watcher
+        return egress.Expected(
+            iface=lambda: watcher.verdict.iface if watcher is not None else None,
+            patterns=tuple(self.config.watch.interfaces),
+            addresses=watcher.addresses if watcher is not None else lambda _n, _f: [],
+            router=self._router)
+
+    def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
+        for label, task in list(self._tasks.items()):
+            if only is not None and label not in only:
+                continue
+            log.info("round_cancelled", relay=label, reason=reason)
+            task.cancel()
+            del self._tasks[label]
+            # Still closing its session; a new round for the relay may start right away.
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def trigger(self, relay: str | None, reason: str) -> list[str]:
+        took = self._take_pending(relay)
+        log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took)
+        names = self.start_rounds(relay, reason)
+        self._publish()
+        return names
+
+    def _take_pending(self, relay: str | None) -> bool:
+        """A trigger while a link-up round is owed (settle) is that round, not one more: the
+        ISP would get every ETRN twice. True if the trigger took it (for all relays)."""
+        watcher = self._watcher
+        if watcher is None or watcher.round_due() is None:
+            return False
+        if relay is not None:
+            self._served_early.add(relay)
+            if not {r.label for r in self.config.relays} <= self._served_early:
+                return False  # the others still get theirs when it is due
+        self._served_early.clear()
+        return watcher.take_pending()
+
+    # --- reload ----------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True  # a SIGHUP storm collapses into one more reload
+            return
+        self._reloading = self._spawn(self._reload())
+
+    async def _reload(self) -> None:
+        while True:
+            self._reload_again = False
+            self.notifier.reloading(time.monotonic_ns() // 1000)
+            try:
+                new = await offloop.bounded(RELOAD_READ_TIMEOUT, load_config, self.path)
+            except TimeoutError:
+                log.error("config_reload_failed", config=str(self.path),
+                          problems=[f"reading the configuration took over "
+                                    f"{RELOAD_READ_TIMEOUT:g}s"],
+                          kept="previous configuration")
+            except ConfigError as exc:
+                log.error("config_reload_failed", config=str(self.path), problems=exc.problems,
+                          kept="previous configuration")
+            else:
+                await self._apply(new)
+            self.notifier.ready(self.summary())
+            if not self._reload_again:
+                return
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        if new.control.socket != old.control.socket:
+            server = ControlServer(new.control.socket, self.handle_request)
+            try:
+                await server.start()
+            except ControlError as exc:
+                log.error("config_reload_failed", config=str(self.path), problems=[str(exc)],
+                          kept="previous configuration")
+                return
+            if self._control is not None:
+                await self._control.close()
+            self._control = server
+        if new.log != old.log:
+            logs.configure(new.log.level, new.log.format, background=True)
+        kept = {r.label: r for r in new.relays}
+        changed = {r.label for r in old.relays if kept.get(r.label) != r}
+        self.cancel_rounds("config_reloaded", only=changed)
+        for label in changed - kept.keys():
+            self._status.pop(label, None)
+            self._wake.pop(label, None)
+        self.config = new
+        self._set_gate(new)
+        if new.watch != old.watch and self._watcher is not None:
+            self._watcher.reconfigure(new.watch)
+        if new.repeat != old.repeat:
+            self._restart_repeat()
+        log.info("config_reloaded", config=str(self.path),
+                 relays=[r.label for r in new.relays], changed=sorted(changed))
+
+    # --- control socket and status -----------------------------------------------------------
+    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request["cmd"] == "status":
+            return {"ok": True, **self.status()}
+        relay = request.get("relay")
+        if relay is not None and (not isinstance(relay, str)
+                                  or relay not in {r.label for r in self.config.relays}):
+            return {"ok": False, "error": f"no relay named {str(relay)[:64]!r}"}
+        return {"ok": True, "relays": self.trigger(relay, "trigger")}
+
+    def status(self) -> dict[str, Any]:
+        watcher = self._watcher
+        doc = status_doc.build(status_doc.DaemonView(
+            path=self.path, config=self.config, started=self.started,
+            link_up=bool(watcher and watcher.up), link_why=watcher.why if watcher else "",
+            link_since=self.link_since, rounds_started=self.rounds_started,
+            last_round=self.last_round, tasks=len(asyncio.all_tasks()),
+            statuses=self._status, running=self._tasks.keys(),
+            round_due=watcher.round_due() if watcher else None))
+        if self._gate is not None:
+            doc["local_mta"] = self._gate.as_dict()
+            for relay in doc["relays"]:
+                if relay["name"] in self._gate.waiting:
+                    relay["state"] = "waiting-local-mta"
+        # The stall detector's view: steps of the loop longer than threshold_ms.
+        doc["loop"] = {"stalls": self.stalls.stalls,
+                       "threshold_ms": round(self.stalls.threshold * 1000),
+                       "longest_step_ms": round(self.stalls.longest * 1000, 1)}
+        return doc
+
+    def summary(self) -> str:
+        """The one-line STATUS= that `systemctl status etrnd` shows."""
+        watcher = self._watcher
+        line = status_doc.summary(bool(watcher and watcher.up), self.config.relays,
+                                  self._status, self._tasks.keys())
+        if self._gate is not None and self._gate.waiting:
+            line += f"; waiting for the local MTA {self._gate.target}"
+        return line
+
+    def _publish(self) -> None:
+        self.notifier.status(self.summary())
+
+
+def run_command(path: str | None) -> int:
+    config = load_or_report(path)
+    if config is None:
+        return EXIT_CONFIG
+    logs.configure(config.log.level, config.log.format, background=True)
+    stalls = StallDetector()
+    daemon = Daemon(resolve_path(path), config, stalls=stalls)
+    try:
+        with asyncio.Runner(loop_factory=stalls.new_event_loop) as runner:
+            return runner.run(daemon.run())
+    except ControlError as exc:
+        log.error("daemon_fatal", reason=str(exc))
+        print(f"etrnd: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # netlink refused (a sandbox), out of memory, ...: one clear line
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        log.error("daemon_fatal", reason=reason, error=type(exc).__name__)
+        print(f"etrnd: cannot run: {reason}", file=sys.stderr)
+    return 1
+
+

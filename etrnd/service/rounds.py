@@ -1,0 +1,222 @@
+"""One ETRN round per relay: retries per policy, permanent refusals honoured, live status kept."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from etrnd.config.schema import Relay, Retry
+from etrnd.outputs.logs import get_logger
+from etrnd.protocols.replies import Outcome, Verdict
+from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt, attempt_for
+from etrnd.service.retry import Backoff
+
+
+class ArgOutcome(StrEnum):
+    PENDING = "pending"  # not answered yet in this round
+    ACCEPTED = "accepted"
+    REFUSED = "refused"  # permanently, for this round
+    FAILED = "failed"  # the last try failed transiently; a retry is due
+    GIVEN_UP = "given-up"  # still failing at the give-up deadline
+
+
+@dataclass
+class ArgStatus:
+    """The latest news about one ETRN argument, as `etrnd status` shows it."""
+
+    arg: str
+    outcome: ArgOutcome = ArgOutcome.PENDING
+    code: int | None = None
+    text: str = ""
+    when: float | None = None  # wall-clock time of the last result
+    attempts: int = 0  # how often it went (or was meant to go) on the wire this round
+    pending_messages: int | None = None  # from a 253 reply
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"arg": self.arg, "outcome": str(self.outcome), "code": self.code,
+                "text": self.text, "when": self.when, "attempts": self.attempts,
+                "pending_messages": self.pending_messages}
+
+
+@dataclass
+class RelayStatus:
+    """Mutable per-relay state; run_round updates it in place while the round runs."""
+
+    relay: str
+    running: bool = False
+    round_start: float | None = None  # wall clock
+    attempts: int = 0
+    next_try: float | None = None  # wall clock of the next retry, None when none is scheduled
+    host: str | None = None  # the host being (or last) tried
+    args: dict[str, ArgStatus] = field(default_factory=dict)
+    messages: Messages = field(default_factory=Messages)  # this round, over all attempts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"relay": self.relay, "running": self.running, "round_start": self.round_start,
+                "attempts": self.attempts, "next_try": self.next_try, "host": self.host,
+                "args": [a.as_dict() for a in self.args.values()],
+                "messages": self.messages.as_dict()}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    relay: str
+    accepted: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()  # gave up (deadline) or could not be tried
+    attempts: int = 0
+    messages: Messages = field(default_factory=Messages)  # ODMR only
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.failed and not self.messages.refused
+
+
+Sleep = Callable[[float], Awaitable[Any]]
+Clock = Callable[[], float]
+
+
+def _record(status: ArgStatus, verdict: Verdict, now: float) -> None:
+    status.code = verdict.code
+    status.text = verdict.text if verdict.error is None else f"{verdict.error}: {verdict.text}"
+    status.when = now
+    status.pending_messages = verdict.pending
+    if verdict.outcome is Outcome.ACCEPTED:
+        status.outcome = ArgOutcome.ACCEPTED
+    elif verdict.outcome.permanent:
+        status.outcome = ArgOutcome.REFUSED
+    else:
+        status.outcome = ArgOutcome.FAILED
+
+
+async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = None,
+                    status: RelayStatus | None = None, *, sleep: Sleep = asyncio.sleep,
+                    clock: Clock = time.monotonic, wall: Clock = time.time,
+                    rng: Clock = random.random,
+                    send: SendAttempt | None = None) -> RoundResult:
+    """Send ETRN for `args` (default: the relay's `etrn:`) until each is answered for good.
+
+    `send` defaults to the relay's protocol (ETRN or ODMR: see attempt.attempt_for). Accepted
+    and permanently refused arguments are not sent again in this round; transient failures
+    are retried per `retry`. Cancelling the task stops at once (sessions close
+    cleanly) and leaves `status` saying what was known.
+    """
+    wanted = tuple(dict.fromkeys(args if args is not None else relay.etrn))
+    send = send if send is not None else attempt_for(relay)
+    status = status if status is not None else RelayStatus(relay.label)
+    log = get_logger().bind(relay=relay.label)
+    policy = Backoff.from_config(retry)
+    started = clock()
+    status.running, status.round_start, status.attempts = True, wall(), 0
+    status.next_try, status.host = None, None
+    status.messages = Messages()
+    status.args = {a: ArgStatus(a) for a in wanted}
+    todo = list(wanted)
+
+    def on_host(host: str) -> None:
+        status.host = host
+
+    def on_reply(arg: str, verdict: Verdict) -> None:
+        if arg in status.args:
+            _record(status.args[arg], verdict, wall())
+
+    try:
+        while todo:
+            status.attempts += 1
+            status.next_try = None
+            for arg in todo:
+                status.args[arg].attempts += 1
+            result = await send(relay, todo, attempt=status.attempts, on_host=on_host,
+                                on_reply=on_reply, messages=status.messages)
+            todo, reason = _settle(status, todo, result, wall())
+            if not todo:
+                break
+            delay = policy.next_delay(status.attempts, clock() - started, rng)
+            if delay is None:
+                for arg in todo:
+                    status.args[arg].outcome = ArgOutcome.GIVEN_UP
+                log.error("etrn_gave_up", attempts=status.attempts, args=todo,
+                          elapsed_s=round(clock() - started, 3), reason=reason)
+                break
+            status.next_try = wall() + delay
+            log.warning("etrn_retry", attempt=status.attempts, delay=round(delay, 3),
+                        reason=reason, args=todo)
+            await sleep(delay)
+    except asyncio.CancelledError:
+        log.info("round_cancelled", attempts=status.attempts)
+        raise
+    finally:
+        status.running = False
+        status.next_try = None
+    return _finish(status, log)
+
+
+def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,
+            now: float) -> tuple[list[str], str]:
+    """Apply one attempt's replies; returns the arguments still to retry and why."""
+    stop = result.stop
+    ends_relay = stop is not None and stop.outcome.permanent
+    left: list[str] = []
+    reasons: list[str] = []
+    for arg in todo:
+        verdict = result.replies.get(arg)
+        st = status.args[arg]
+        if verdict is not None:
+            _record(st, verdict, now)  # again: a fake `send` may not call on_reply
+            if verdict.outcome is Outcome.TRANSIENT and not ends_relay:
+                left.append(arg)
+                reasons.append(f"{arg}: {st.text}" if verdict.code is None
+                               else f"{arg}: {verdict.code} {verdict.text}")
+            continue
+        if stop is None:
+            continue  # a real attempt always says why; never retry forever on a fake
+        if ends_relay:
+            # 500/502 or a refused AUTH end the round for the relay:
+            # the arguments not yet answered are refused with the reason that stopped us.
+            st.outcome, st.code, st.when = ArgOutcome.REFUSED, stop.code, now
+            st.text = f"not sent: {stop.text}"
+        else:
+            _record(st, stop, now)
+            left.append(arg)
+    if stop is not None and not ends_relay:
+        reasons.insert(0, f"{stop.error}: {stop.text}" if stop.error else stop.text)
+    return left, "; ".join(dict.fromkeys(reasons))
+
+
+def _finish(status: RelayStatus, log: Any) -> RoundResult:
+    by: dict[ArgOutcome, list[str]] = {o: [] for o in ArgOutcome}
+    for st in status.args.values():
+        by[st.outcome].append(st.arg)
+    result = RoundResult(
+        relay=status.relay, accepted=tuple(by[ArgOutcome.ACCEPTED]),
+        refused=tuple(by[ArgOutcome.REFUSED]),
+        failed=tuple(by[ArgOutcome.GIVEN_UP] + by[ArgOutcome.FAILED] + by[ArgOutcome.PENDING]),
+        attempts=status.attempts, messages=status.messages,
+    )
+    level = log.info if result.ok else log.warning
+    level("round_done", accepted=list(result.accepted), refused=list(result.refused),
+          failed=list(result.failed), attempts=result.attempts)
+    return result
+
+
+async def run_all(relays: Sequence[Relay], retry: Retry, args: Sequence[str] | None = None,
+                  statuses: Mapping[str, RelayStatus] | None = None,
+                  **options: Any) -> list[RoundResult]:
+    """Run a round on every relay at once; one relay's trouble never touches another's."""
+
+    async def guarded(relay: Relay) -> RoundResult:
+        status = (statuses or {}).get(relay.label) or RelayStatus(relay.label)
+        try:
+            return await run_round(relay, retry, args, status, **options)
+        except Exception as exc:  # a bug, not a server: contain it to this relay
+            get_logger().error("round_crashed", relay=relay.label,
+                               error=type(exc).__name__, text=str(exc))
+            wanted = tuple(dict.fromkeys(args if args is not None else relay.etrn))
+            return RoundResult(relay.label, failed=wanted, attempts=status.attempts)
+
+    return list(await asyncio.gather(*(guarded(r) for r in relays)))

@@ -1,0 +1,1 @@
+"""Tests that prove the deployments: systemd, the image, packaging, install, the README."""

@@ -1,0 +1,1 @@
+"""Tests of etrnd's service part."""

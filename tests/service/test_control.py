@@ -1,0 +1,84 @@
+"""Control socket: mode 0660, stale sockets reclaimed, bad clients refused, clients' errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etrnd.service.control import MAX_REQUEST, ControlError, ControlServer, bind_socket, request
+
+
+async def handler(req: dict[str, Any]) -> dict[str, Any]:
+    if req["cmd"] == "trigger":
+        return {"ok": True, "relays": [req.get("relay") or "isp"]}
+    return {"ok": True, "link": {"up": True, "why": "wan0 up"}, "relays": []}
+
+
+async def raw(path: Path, data: bytes) -> dict[str, Any]:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(data)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+async def test_serves_and_cleans_up(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    server = ControlServer(path, handler)
+    await server.start()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    reply = await asyncio.to_thread(request, path, {"cmd": "trigger", "relay": "isp"})
+    assert reply == {"ok": True, "relays": ["isp"]}
+    assert (await raw(path, b"not json\n")) == {"ok": False, "error": "request is not JSON"}
+    assert (await raw(path, b'{"cmd": "reboot"}\n'))["ok"] is False
+    assert (await raw(path, b"x" * (MAX_REQUEST * 4) + b"\n")) == {
+        "ok": False, "error": "request too long"
+    }
+    # The server is still fine after the abuse.
+    assert (await asyncio.to_thread(request, path, {"cmd": "status"}))["ok"] is True
+    await server.close()
+    assert not path.exists()
+
+
+async def test_refuses_live_socket_and_non_socket(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    server = ControlServer(path, handler)
+    await server.start()
+    with pytest.raises(ControlError, match="another etrnd is already listening"):
+        bind_socket(path)
+    await server.close()
+    plain = tmp_path / "file"
+    plain.write_text("keep me")
+    with pytest.raises(ControlError, match="is not a socket"):
+        bind_socket(plain)
+    assert plain.read_text() == "keep me"
+
+
+def test_stale_socket_reclaimed(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # left behind by a crash: nobody listens
+    sock = bind_socket(path)
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    sock.close()
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["trigger"]])
+def test_clients_without_daemon(tmp_path: Path, command: list[str]) -> None:
+    config = tmp_path / "etrnd.yaml"
+    config.write_text(f"control: {{socket: {tmp_path / 'none.sock'}}}\n")
+    res = subprocess.run([sys.executable, "-m", "etrnd", *command, "-c", str(config)],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"etrnd: no etrnd daemon is listening on {tmp_path / 'none.sock'}"
