@@ -12,7 +12,7 @@ from etrnd.config.values import check_atrn_domain, check_etrn_argument
 from etrnd.link import egress
 from etrnd.loop.offloop import ThreadPerCall
 from etrnd.outputs.logs import configure
-from etrnd.protocols.etrn import resolve_helo
+from etrnd.protocols.smtp import resolve_helo
 from etrnd.service.mtagate import Gate
 from etrnd.service.rounds import RoundResult, run_all
 

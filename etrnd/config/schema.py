@@ -95,7 +95,7 @@ def default_helo(name: str | None = None) -> str:
     """The machine's FQDN (or `name`), or its host name when that is all /etc/hosts knows.
 
     Without `name` this asks the resolver, which can hang for many seconds: never call it on
-    the event loop (etrn.resolve_helo runs it off the loop with a bound).
+    the event loop (smtp.resolve_helo runs it off the loop with a bound).
     """
     name = socket.getfqdn() if name is None else name
     try:

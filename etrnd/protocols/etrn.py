@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiosmtplib import SMTP, SMTPAuthenticationError, SMTPHeloError, SMTPResponseException
+from aiosmtplib import SMTP, SMTPAuthenticationError
 
-from etrnd.config.schema import Relay, default_helo
+from etrnd.config.schema import Relay
 from etrnd.config.values import check_etrn_argument
-from etrnd.link import egress
-from etrnd.loop import offloop
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.replies import (
     Outcome,
@@ -35,142 +30,27 @@ from etrnd.protocols.seam import (
     ignore_reply,
     over_hosts,
 )
-from etrnd.protocols.transcript import TranscriptSMTP
+from etrnd.protocols.smtp import (
+    CANCEL_QUIT_TIMEOUT,
+    QUIT_TIMEOUT,
+    Refused,
+    client,
+    goodbye,
+    open_secure,
+    verdict_of,
+)
 
 # Sendmail tarpits a session from its 8th ETRN; 5 keeps well clear and still batches.
 MAX_ETRN_PER_SESSION = 5
-# QUIT is a courtesy: never let a silent server hold up a round (or a cancel) for long.
-QUIT_TIMEOUT = 2.0
-CANCEL_QUIT_TIMEOUT = 0.5  # after a cancel (link down, Ctrl-C) the caller is waiting on us
 # AUTH PLAIN first: one round trip, and we only ever AUTH under TLS (or by explicit consent).
 # CRAM-MD5 last: some providers offer nothing else (RFC 2645 requires it of ODMR servers).
 _AUTH_PREFERENCE = ("plain", "login", "cram-md5")
-
-class _Refused(Exception):
-    """Internal: a session step failed in a way that is already a Verdict."""
-
-    def __init__(self, verdict: Verdict) -> None:
-        super().__init__(verdict.text)
-        self.verdict = verdict
-
-
-# The FQDN lookup asks the name server (getfqdn: gethostbyaddr), which a dead or black-holed
-# resolver stretches to 10 s; it runs once at start, off the loop, within this bound.
-HELO_LOOKUP_TIMEOUT = 2.0
-# Loading the system trust store reads files (a slow disk, NFS): off the loop, bounded.
-TRUST_STORE_TIMEOUT = 10.0
-_helo: list[str] = []
-_contexts: dict[tuple[bool, str | None, str | None], ssl.SSLContext] = {}
-
-
-def helo_name() -> str:
-    """The FQDN once resolve_helo() found it; until then, or when the lookup failed or hung,
-    the kernel's host name (no I/O): a session never waits on a name server."""
-    return _helo[0] if _helo else default_helo(socket.gethostname())
-
-
-async def resolve_helo(limit: float = HELO_LOOKUP_TIMEOUT) -> str:
-    """Look the machine's FQDN up off the loop, at most `limit` seconds; returns the name
-    sessions will use from now on (the host name if the lookup failed or timed out)."""
-    started = time.monotonic()
-    try:
-        name = await offloop.bounded(limit, default_helo)
-        source = "fqdn"
-    except (TimeoutError, OSError):
-        name, source = default_helo(socket.gethostname()), "hostname"
-    _helo[:] = [name]
-    get_logger().info("helo_name", name=name, source=source,
-                      elapsed_ms=round((time.monotonic() - started) * 1000, 1))
-    problem = helo_problem(name)
-    if problem is not None:
-        get_logger().warning("helo_name_fallback", name=name, source=source, reason=problem)
-    return name
-
-
-def helo_problem(name: str) -> str | None:
-    """Why an EHLO name found without `helo:` may get sessions refused, or None if it looks
-    like an FQDN (RFC 5321 4.1.1.1: the client's FQDN or an address literal)."""
-    if name.startswith("["):
-        return None
-    if name.lower().rstrip(".") == "localhost" or "." not in name:
-        return (f"the machine's name {name!r} is not a fully qualified domain name; ISPs may "
-                "refuse ETRN/ATRN from it: set helo: for each relay (e.g. gw.example.org)")
-    return None
-
-
-def _trust_key(verify: bool) -> tuple[bool, str | None, str | None]:
-    return verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
-
-
-def tls_context(verify: bool) -> ssl.SSLContext:
-    """A client context; honours SSL_CERT_FILE / SSL_CERT_DIR like the rest of OpenSSL.
-
-    Blocking (reads the trust store the first time): on the loop use tls_context_off_loop.
-    """
-    key = _trust_key(verify)
-    context = _contexts.get(key)
-    if context is None:
-        # Cached per trust setting: loading the system store costs more than a session.
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if not verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        _contexts[key] = context
-    return context
-
-
-async def tls_context_off_loop(verify: bool) -> ssl.SSLContext:
-    """tls_context() without blocking the loop; TimeoutError after TRUST_STORE_TIMEOUT s."""
-    context = _contexts.get(_trust_key(verify))
-    if context is not None:
-        return context
-    return await offloop.bounded(TRUST_STORE_TIMEOUT, tls_context, verify)
-
-
-def _describe(exc: BaseException) -> Verdict:
-    """Any exception out of a session step, as a transient failure with a short text."""
-    name = type(exc).__name__
-    if isinstance(exc, SMTPResponseException):
-        code = exc.code if 100 <= exc.code <= 599 else None
-        return failure(name, f"{exc.code} {exc.message}" if code else exc.message, code)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return failure(name, exc.verify_message or str(exc))
-    return failure(name, str(exc) or name)
-
-
-async def _hello(smtp: SMTP) -> None:
-    try:
-        await smtp.ehlo()
-    except SMTPHeloError as exc:
-        # A server that does not speak ESMTP still takes HELO and, often, ETRN.
-        if not (500 <= exc.code <= 599 and smtp.is_connected):
-            raise
-        await smtp.helo()
-
-
-async def _secure(smtp: SMTP, relay: Relay, host: str, log: Any) -> str:
-    """EHLO, then STARTTLS per policy and EHLO again; returns how the session is protected."""
-    await _hello(smtp)
-    if relay.tls in ("implicit", "none"):
-        return relay.tls
-    if smtp.supports_extension("starttls"):
-        await smtp.starttls(server_hostname=host)
-        # aiosmtplib forgets the extensions on upgrade and does not ask again by itself.
-        await _hello(smtp)
-        return "starttls"
-    if relay.tls == "starttls":
-        raise _Refused(failure("StartTLSNotOffered",
-                               "tls: starttls but the server does not offer STARTTLS; "
-                               "nothing was sent"))
-    log.info("etrn_no_tls", reason="server does not offer STARTTLS")
-    return "none"
-
 
 async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
     auth = relay.auth
     assert auth is not None
     if tls == "none" and not (relay.tls == "none" and auth.allow_plaintext):
-        raise _Refused(failure("AuthWithoutTLS",
+        raise Refused(failure("AuthWithoutTLS",
                                "AUTH is configured but the session is not encrypted; "
                                "credentials not sent"))
     offered = [m for m in _AUTH_PREFERENCE if m in smtp.server_auth_methods]
@@ -182,7 +62,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
                               f"mechanism ({', '.join(smtp.server_auth_methods) or 'none'}); "
                               "credentials not sent")
         log.error("etrn_auth_failed", user=auth.username, text=verdict.text, error=verdict.error)
-        raise _Refused(verdict)
+        raise Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + offered[0].replace("-", ""))
     try:
@@ -191,52 +71,8 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
         verdict = classify_auth(exc.code, exc.message)
         log.error("etrn_auth_failed", user=auth.username, mechanism=offered[0],
                   code=verdict.code, text=verdict.text)
-        raise _Refused(verdict) from None
+        raise Refused(verdict) from None
     log.info("etrn_auth", user=auth.username, mechanism=offered[0])
-
-
-def client(relay: Relay, host: str, log: Any) -> TranscriptSMTP:
-    """The aiosmtplib client for one session to `host` (ETRN or ODMR); at log level debug it
-    logs each SMTP line. Not connected yet: see open_secure."""
-    return TranscriptSMTP(
-        hostname=host, port=relay.effective_port, local_hostname=relay.helo or helo_name(),
-        timeout=relay.timeout, use_tls=relay.tls == "implicit", start_tls=False,
-        transcript_log=log,
-    )
-
-
-async def open_secure(smtp: TranscriptSMTP, relay: Relay, host: str, log: Any) -> str:
-    """Connect and secure per `relay.tls`; returns the TLS state ("none" or the version).
-
-    The trust store is loaded off the loop; the route to the relay is checked against the
-    link that is up and `source:` applied (etrnd.link.egress). aiosmtplib resolves `host` with the
-    loop's getaddrinfo (in the executor) under `timeout`: a hung name server costs this
-    session its timeout, not the loop. Raises what aiosmtplib raises, or _Refused.
-    """
-    if relay.tls != "none":
-        smtp.tls_context = await tls_context_off_loop(relay.verify)
-    smtp.source_address = await egress.source_for(relay, host, relay.timeout)
-    await smtp.connect()
-    tls = await _secure(smtp, relay, host, log)
-    if tls != "none" and not relay.verify:
-        log.warning("tls_not_verified", reason="verify: false in the config")
-    return tls
-
-
-def verdict_of(exc: Exception) -> Verdict:
-    """What an exception out of a session means: a refusal carries its verdict (logged where
-    it happened); anything else is a transient failure (connect, TLS, time-out, protocol)."""
-    return exc.verdict if isinstance(exc, _Refused) else _describe(exc)
-
-
-async def _goodbye(smtp: SMTP, step_timeout: float) -> None:
-    try:
-        if smtp.is_connected:
-            await smtp.quit(timeout=step_timeout)
-    except Exception:  # noqa: S110 - the server's manners at QUIT change nothing
-        pass
-    finally:
-        smtp.close()
 
 
 async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[str, Verdict],
@@ -281,7 +117,7 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
                         attempt=attempt)
         return verdict
     finally:
-        await _goodbye(smtp, quit_timeout)
+        await goodbye(smtp, quit_timeout)
 
 
 async def _etrn(smtp: SMTP, arg: str, attempt: int, log: Any) -> Verdict:
@@ -323,6 +159,4 @@ async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
         relay, host, todo, result.replies, attempt=attempt, on_reply=on_reply))
 
 
-__all__ = ["MAX_ETRN_PER_SESSION", "AttemptResult", "OnHost", "OnReply", "attempt",
-           "client", "helo_name", "open_secure", "resolve_helo", "session", "tls_context",
-           "tls_context_off_loop", "verdict_of"]
+__all__ = ["MAX_ETRN_PER_SESSION", "attempt", "session"]

@@ -1,4 +1,4 @@
-"""The round's seam: one attempt on a relay, the same signature and result for ETRN and ODMR."""
+"""The protocols' seam: one attempt on a relay, the same signature and result for ETRN and ODMR."""
 
 from __future__ import annotations
 
@@ -99,15 +99,3 @@ async def over_hosts(relay: Relay, args: Sequence[str], on_host: OnHost,
         if stop is None or stop.outcome is not Outcome.TRANSIENT:
             return result
     return result
-
-
-def attempt_for(relay: Relay) -> SendAttempt:
-    """The one place that picks the protocol: `relay.protocol` names the session module."""
-    # Imported here: the session modules import this one for its types.
-    if relay.protocol == "odmr":
-        from etrnd.protocols.odmr import client as odmr
-
-        return odmr.attempt
-    from etrnd.protocols import etrn
-
-    return etrn.attempt

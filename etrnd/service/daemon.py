@@ -23,7 +23,7 @@ from etrnd.outputs import logs
 from etrnd.outputs import status as status_doc
 from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
-from etrnd.protocols import etrn
+from etrnd.protocols import smtp
 from etrnd.service.control import ControlError, ControlServer
 from etrnd.service.mtagate import Gate
 from etrnd.service.rounds import RelayStatus, run_round
@@ -113,11 +113,11 @@ class Daemon:
             self._spawn(self._load_trust(verify))
 
     async def _resolve_helo(self) -> None:
-        await etrn.resolve_helo()
+        await smtp.resolve_helo()
 
     async def _load_trust(self, verify: bool) -> None:
         with contextlib.suppress(Exception):  # a session that needs it will try and say why
-            await etrn.tls_context_off_loop(verify)
+            await smtp.tls_context_off_loop(verify)
 
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()

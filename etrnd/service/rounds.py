@@ -12,8 +12,9 @@ from typing import Any
 
 from etrnd.config.schema import Relay, Retry
 from etrnd.outputs.logs import get_logger
+from etrnd.protocols.choose import attempt_for
 from etrnd.protocols.replies import Outcome, Verdict
-from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt, attempt_for
+from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt
 from etrnd.service.retry import Backoff
 
 
@@ -101,7 +102,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
                     send: SendAttempt | None = None) -> RoundResult:
     """Send ETRN for `args` (default: the relay's `etrn:`) until each is answered for good.
 
-    `send` defaults to the relay's protocol (ETRN or ODMR: see attempt.attempt_for). Accepted
+    `send` defaults to the relay's protocol (ETRN or ODMR: see protocols.choose). Accepted
     and permanently refused arguments are not sent again in this round; transient failures
     are retried per `retry`. Cancelling the task stops at once (sessions close
     cleanly) and leaves `status` saying what was known.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.protocols.etrn import helo_problem
+from etrnd.protocols.smtp import helo_problem
 from tests.support.nettools import netns
 
 ROOT = Path(__file__).resolve().parents[2]

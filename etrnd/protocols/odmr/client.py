@@ -12,14 +12,6 @@ from aiosmtplib import SMTP, SMTPAuthenticationError
 from etrnd.config.schema import Relay
 from etrnd.config.values import check_atrn_domain
 from etrnd.outputs.logs import get_logger
-from etrnd.protocols.etrn import (
-    _goodbye,
-    _Refused,
-    client,
-    helo_name,
-    open_secure,
-    verdict_of,
-)
 from etrnd.protocols.odmr import turnaround
 from etrnd.protocols.odmr.office import LocalMta
 from etrnd.protocols.replies import (
@@ -40,12 +32,20 @@ from etrnd.protocols.seam import (
     ignore_reply,
     over_hosts,
 )
+from etrnd.protocols.smtp import (
+    CANCEL_QUIT_TIMEOUT,
+    QUIT_TIMEOUT,
+    Refused,
+    client,
+    goodbye,
+    helo_name,
+    open_secure,
+    verdict_of,
+)
 from etrnd.protocols.transcript import TranscriptSMTP
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512
-QUIT_TIMEOUT = 2.0
-CANCEL_QUIT_TIMEOUT = 0.5
 # Under TLS: PLAIN first (one round trip). In clear: CRAM-MD5 only, which never sends the
 # password (RFC 2645 section 5 requires providers to offer it), unless tls: none and
 # allow_plaintext say PLAIN/LOGIN may go in clear too.
@@ -83,7 +83,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
         offered = ", ".join(smtp.server_auth_methods) or "none"
         if tls == "none" and relay.tls != "none":
             # tls: opportunistic and no STARTTLS today: a TLS failure, transient like one.
-            raise _Refused(failure("AuthWithoutTLS", f"no AUTH mechanism usable without TLS "
+            raise Refused(failure("AuthWithoutTLS", f"no AUTH mechanism usable without TLS "
                                    f"(server offers {offered}) and the server does not offer "
                                    "STARTTLS; credentials not sent"))
         # As protected as the config asks: no retry changes what the provider offers.
@@ -91,7 +91,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
         verdict = setup_error("AuthNotOffered", f"no AUTH mechanism usable {where} (server "
                               f"offers {offered}); credentials not sent")
         log.error("odmr_auth_failed", user=auth.username, text=verdict.text, error=verdict.error)
-        raise _Refused(verdict)
+        raise Refused(verdict)
     # One mechanism only: trying each one (as aiosmtplib's login() does) doubles failed logins.
     method = getattr(smtp, "auth_" + usable[0].replace("-", ""))
     try:
@@ -100,7 +100,7 @@ async def _authenticate(smtp: SMTP, relay: Relay, tls: str, log: Any) -> None:
         verdict = classify_auth(exc.code, exc.message)
         log.error("odmr_auth_failed", user=auth.username, mechanism=usable[0],
                   code=verdict.code, text=verdict.text)
-        raise _Refused(verdict) from None
+        raise Refused(verdict) from None
     log.info("odmr_auth", user=auth.username, mechanism=usable[0])
 
 
@@ -209,7 +209,7 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
         if turned:
             smtp.close()  # the provider's QUIT ended it, or it is gone: nothing more to say
         else:
-            await _goodbye(smtp, quit_timeout)
+            await goodbye(smtp, quit_timeout)
 
 
 def _checked(batch: list[str], result: AttemptResult, on_reply: OnReply, log: Any) -> list[str]:
