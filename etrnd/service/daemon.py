@@ -69,6 +69,8 @@ class Daemon:
         self._reload_again = False
         self._gate: Gate | None = None
         self._router = egress.Router()  # route look-ups before sessions, one socket kept
+        # The FQDN lookup (EHLO without `helo:`) waits for a link that is up: see _warm_up.
+        self._helo_owed = any(r.helo is None for r in config.relays)
         self._set_gate(config)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -91,6 +93,8 @@ class Daemon:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
             await self._router.warm()
+            if self._watcher.up:
+                self._resolve_helo_once()
             watch = self._spawn(self._follow_link(self._watcher))
             self._spawn(self._watchdog())
             self._restart_repeat()
@@ -105,12 +109,20 @@ class Daemon:
             await self._shutdown()
 
     def _warm_up(self) -> None:
-        """Start the slow lookups now, off the loop, so that no link-up ever waits on them:
-        the machine's FQDN (EHLO without `helo:`) and the trust stores TLS relays need."""
-        if any(r.helo is None for r in self.config.relays):
-            self._spawn(self._resolve_helo())
+        """Load the trust stores TLS relays need now, off the loop, so that no link-up ever
+        waits on them. The machine's FQDN is looked up once a link is up (_resolve_helo_once):
+        DNS queries sent into a WAN without carrier leave the next hop's ARP entry
+        INCOMPLETE, and the first SYN after the line comes back then waits in that entry's
+        queue for the kernel's next probe (retrans_time_ms, 1 s) instead of leaving at once."""
         for verify in {r.verify for r in self.config.relays if r.tls != "none"}:
             self._spawn(self._load_trust(verify))
+
+    def _resolve_helo_once(self) -> None:
+        """Start the FQDN lookup, off the loop, the first time a link is up; sessions use the
+        host name until it answers (smtp.helo_name), so a round never waits on DNS."""
+        if self._helo_owed:
+            self._helo_owed = False
+            self._spawn(self._resolve_helo())
 
     async def _resolve_helo(self) -> None:
         await smtp.resolve_helo()
@@ -162,6 +174,7 @@ class Daemon:
     def on_decision(self, decision: Decision) -> None:
         if decision.kind == "up":
             self.link_since = time.time()
+            self._resolve_helo_once()
         elif decision.kind == "down":
             self.link_since = time.time()
             self._served_early.clear()
