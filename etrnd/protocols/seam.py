@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,14 +35,44 @@ class Messages:
     relayed: int = 0
     refused: int = 0
     deferred: int = 0
+    # Keys (see message_key) of what the office MTA deferred and of what it took, filled as
+    # each message settles, so a round can tell a deferral that a later session relayed from
+    # one still left at the provider: left_behind().
+    deferred_ids: set[str] = field(default_factory=set)
+    relayed_ids: set[str] = field(default_factory=set)
 
     def add(self, other: Messages) -> None:
         self.relayed += other.relayed
         self.refused += other.refused
         self.deferred += other.deferred
+        self.deferred_ids |= other.deferred_ids
+        self.relayed_ids |= other.relayed_ids
+
+    def left_behind(self) -> set[str]:
+        """Keys deferred and not relayed since: mail known to be still at the provider."""
+        return self.deferred_ids - self.relayed_ids
 
     def as_dict(self) -> dict[str, int]:
         return {"relayed": self.relayed, "refused": self.refused, "deferred": self.deferred}
+
+
+def message_key(message_id: str | None, sender: str, recipients: Iterable[str],
+                size: int) -> str:
+    """One message's key: its Message-ID header value (RFC 5322 3.6.4) when it has one, else
+    "sender|sorted,recipients|size" (size in octets, as received).
+
+    A deferral before DATA (a 4xx to RCPT) has no header and no size: the turnaround then
+    keys it by recipient_key for each deferred recipient, and adds the same per-recipient keys
+    for every recipient it relays, so a later session that delivers that recipient settles it.
+    """
+    if message_id:
+        return message_id
+    return f"{sender}|{','.join(sorted(recipients))}|{size}"
+
+
+def recipient_key(sender: str, recipient: str) -> str:
+    """The key of one recipient's delivery when the message itself was never seen."""
+    return f"{sender}|{recipient}"
 
 
 @dataclass

@@ -211,6 +211,11 @@ async def test_office_451_to_one_recipient_the_provider_keeps_it_totals_add_up(
     assert not provider.queue and len(office.received) == 5
     assert sorted(e.mail_from for e in office.received) == sorted(m.sender for m in queue)
     assert (status.messages.relayed, status.messages.deferred) == (5, 1)
+    # The deferral (a 451 to RCPT: no header seen) is settled by the later relay of that
+    # recipient: the round knows nothing is left behind.
+    rcpt_key = f"{queue[2].sender}|{queue[2].rcpts[0]}"
+    assert status.messages.deferred_ids == {rcpt_key}
+    assert rcpt_key in status.messages.relayed_ids and not status.messages.left_behind()
     deferred = [e for e in events if e["event"] == "odmr_message" and e["outcome"] == "deferred"]
     assert [(d["code"], d["sender"]) for d in deferred] == [(451, queue[2].sender)]
     retried = [e["reason"] for e in events if e["event"] == "etrn_retry"]

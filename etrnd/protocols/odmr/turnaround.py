@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP as SMTPServer
@@ -15,7 +17,7 @@ from aiosmtpd.smtp import Envelope, Session
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.odmr.office import LocalMta, Reply
 from etrnd.protocols.replies import clean_text
-from etrnd.protocols.seam import Messages
+from etrnd.protocols.seam import Messages, message_key, recipient_key
 from etrnd.protocols.transcript import Transcript, tls_state
 
 # aiosmtpd logs each session to the stdlib; etrnd's own events say what matters, once.
@@ -45,6 +47,7 @@ class _Transaction:
     sender: str | None = None
     recipients: int = 0
     failures: list[Reply] = field(default_factory=list)  # MAIL/RCPT replies that were not 2xx
+    deferred: list[str] = field(default_factory=list)  # recipients the office MTA answered 4xx
 
 
 class Relaying:
@@ -98,6 +101,8 @@ class Relaying:
             envelope.rcpt_options.extend(options)
         else:
             txn.failures.append(reply)
+            if reply.code < 500:
+                txn.deferred.append(address)
         txn.recipients += 1
         return reply.line
 
@@ -109,6 +114,7 @@ class Relaying:
         outcome = _outcome(reply)
         if outcome == "relayed":
             self.result.deferred_recipients += sum(1 for f in txn.failures if f.code < 500)
+        self._keep_keys(outcome, txn, message_id(content), envelope.rcpt_tos, len(content))
         self._count(outcome, reply, size=len(content), sender=envelope.mail_from or "",
                     recipients=len(envelope.rcpt_tos), offered=txn.recipients)
         return reply.line
@@ -137,8 +143,26 @@ class Relaying:
         # Only when every failure was permanent did the office MTA refuse the message.
         outcome = "refused" if all(f.code >= 500 for f in txn.failures) and txn.failures \
             else "deferred"
+        self._keep_keys(outcome, txn, None, [], 0)
         self._count(outcome, last, size=0, sender=txn.sender or "", recipients=0,
                     offered=txn.recipients)
+
+    def _keep_keys(self, outcome: str, txn: _Transaction, mid: str | None,
+                   recipients: list[str], size: int) -> None:
+        """The settled message's keys (attempt.message_key) into deferred_ids / relayed_ids."""
+        sender = txn.sender or ""
+        relayed: set[str] = set()
+        deferred = {recipient_key(sender, r) for r in txn.deferred}
+        if outcome == "relayed":
+            relayed = {message_key(mid, sender, recipients, size)}
+            relayed |= {recipient_key(sender, r) for r in recipients}
+        elif outcome == "deferred" and (recipients or not deferred):
+            # Deferred after DATA (or before any recipient): the message as a whole.
+            deferred.add(message_key(mid, sender, recipients, size))
+        for counts in (self.result.messages, self.live):
+            if counts is not None:
+                counts.relayed_ids |= relayed
+                counts.deferred_ids |= deferred
 
     def _count(self, outcome: str, reply: Reply, *, size: int, sender: str, recipients: int,
                offered: int) -> None:
@@ -153,6 +177,14 @@ class Relaying:
     def finish(self) -> None:
         """At the end of the session: a transaction left open stays with the provider."""
         self._finish_transaction()
+
+
+def message_id(content: bytes) -> str | None:
+    """The Message-ID header's value (RFC 5322 3.6.4), or None; only the header is read."""
+    head = content.split(b"\r\n\r\n", 1)[0]
+    value = BytesHeaderParser(policy=compat32).parsebytes(head).get("Message-ID")
+    # An msg-id has no white space: what a folded header adds is not part of it.
+    return clean_text("".join(str(value).split()), 998) or None if value else None
 
 
 def _outcome(reply: Reply) -> str:
