@@ -1,8 +1,8 @@
-"""The README's Docker commands, run for real: the image built with podman and run on a test WAN.
+"""The docs' Docker and Compose commands, run for real: the image built with podman, on a test WAN.
 
 No registry is reachable, so the Dockerfile's base image is a local stand-in made from a
 debootstrapped bookworm (tests/podman.py says what differs). The commands are read from
-README.md and translated to podman only where podman needs it (see `translate`).
+the docs and translated to podman only where podman needs it (see `translate`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import docs
 from tests.support import podman as pm
 from tests.support.daemonproc import wait_for
 from tests.support.nettools import Linked, linked
@@ -35,28 +36,27 @@ from tests.support.rootfs import CACHE, _locked
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
 ISP, OFFICE = "192.0.2.1", "192.0.2.2"
 BASE_PYTHON = "3.11"  # the Python of the Dockerfile's base image (python:3.11-slim-bookworm)
 PASSWORD = secrets.token_urlsafe(12)  # the relay's AUTH password, must reach it and no log
 
 
-def readme_block(marker: str) -> list[list[str]]:
-    """The commands of the README's ```sh block that contains `marker`, as argv lists."""
-    for block in re.findall(r"```sh\n(.*?)```", README, re.S):
+def sh_block(name: str, marker: str) -> list[list[str]]:
+    """The commands of the ```sh block of `name` that contains `marker`, as argv lists."""
+    for block in docs.sh_blocks(docs.read(name)):
         if marker in block:
             text = block.replace("\\\n", " ")
             argvs = (shlex.split(line, comments=True) for line in text.splitlines())
             return [argv for argv in argvs if argv]
-    raise AssertionError(f"no ```sh block with {marker!r} in README.md")
+    raise AssertionError(f"no ```sh block with {marker!r} in {name}")
 
 
 def docker_commands() -> list[list[str]]:
-    return readme_block("docker build")
+    return sh_block("README.md", "docker build")
 
 
 def compose_commands() -> list[list[str]]:
-    return readme_block("docker compose up")
+    return sh_block("docs/deployment.md", "docker compose up")
 
 
 @dataclass

@@ -1,20 +1,43 @@
-"""The README's commands run as written, so they cannot rot."""
+"""The docs say what the code does: the README's commands run, every event name is real."""
 
 from __future__ import annotations
 
 import ast
+import asyncio
+import builtins
 import re
+import ssl
 import subprocess
 from pathlib import Path
 
+import aiosmtplib
+
+from tests.support import docs
+
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+README = docs.read("README.md")
+EVENTS = "docs/events.md"
+# The README's sections, in order: what an operator looks for (issue 20).
+SECTIONS = ["Quick start", "Install on a gateway", "Docker", "Commands", "Configuration",
+            "Status, trigger, reload", "Logs", "Troubleshooting",
+            "ODMR: when the ISP cannot reach you", "More documentation"]
 
 
 def test_readme_names_the_two_commands() -> None:
     assert "\nscripts/demo.sh\n" in README
     assert "\nscripts/test.sh\n" in README
     assert (ROOT / ".ci" / "run").read_text().count("scripts/test.sh") == 1
+    # The test command is labelled as the developers' one, not an operator's step.
+    quick = docs.section("README.md", "Quick start")
+    (block,) = [b for b in docs.sh_blocks(quick) if "scripts/test.sh" in b]
+    assert "# For developers" in block.split("scripts/test.sh")[0].rsplit("scripts/demo.sh", 1)[1]
+
+
+def test_readme_is_short_and_in_an_operators_order() -> None:
+    assert len(README.splitlines()) <= 250
+    headings = [m.group(2) for m in docs.HEADING.finditer(README)
+                if m.group(1) in ("##", "###") and not docs.in_code(README, m.start())]
+    assert headings == SECTIONS
 
 
 def test_demo_command_shows_a_250_within_seconds() -> None:
@@ -29,12 +52,21 @@ def test_demo_command_shows_a_250_within_seconds() -> None:
     assert "Traceback" not in out
 
 
+def documented_events() -> dict[str, set[str]]:
+    """Each event of docs/events.md's tables with its levels (`| `name` | info, warning | ...`)."""
+    events: dict[str, set[str]] = {}
+    for line in docs.read(EVENTS).splitlines():
+        row = re.match(r"\| `([a-z_0-9]+)` \| ([a-z, ]+) \|", line)
+        if row:
+            assert row.group(1) not in events, f"{row.group(1)} twice in {EVENTS}"
+            events[row.group(1)] = set(row.group(2).replace(" ", "").split(","))
+    assert len(events) > 50
+    return events
+
+
 def test_every_documented_event_exists_in_the_code() -> None:
-    events = re.search(r"\nEvents\b(.*?)\n\n", README, re.S)
-    assert events is not None
-    names = re.findall(r"`([a-z_]+)`", events.group(1))
     code = "".join(p.read_text() for p in (ROOT / "etrnd").rglob("*.py"))
-    missing = [n for n in names if f'"{n}"' not in code]
+    missing = [n for n in sorted(documented_events()) if f'"{n}"' not in code]
     assert missing == []
 
 
@@ -56,7 +88,14 @@ def _strings(node: ast.expr | None, names: dict[str, set[str]]) -> set[str] | No
 
 
 def logged_events() -> tuple[set[str], list[str]]:
-    """Every event name the package logs, and the log calls whose event it cannot tell.
+    """Every event name the package logs, and the log calls whose event it cannot tell."""
+    events, unknown, _ = log_calls()
+    return events, unknown
+
+
+def log_calls() -> tuple[set[str], list[str], dict[str, set[str]]]:
+    """Every event name the package logs, the log calls whose event it cannot tell, and the
+    levels of each event where the call names it.
 
     A log call is `x.debug/info/warning/error(EVENT, ...)`, or `level(EVENT, ...)` where the
     code picked `level = log.info if ... else log.warning`; journal.py and logs.py also
@@ -64,17 +103,22 @@ def logged_events() -> tuple[set[str], list[str]]:
     """
     events: set[str] = set()
     unknown: list[str] = []
+    levels: dict[str, set[str]] = {}
     for path in sorted((ROOT / "etrnd").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for func in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef
                                                                         | ast.AsyncFunctionDef))]:
             names: dict[str, set[str]] = {}
+            chosen: set[str] = set()  # the levels `level = log.info if ... else ...` picks
             for node in ast.walk(func):
                 if (isinstance(node, ast.Assign) and len(node.targets) == 1
                         and isinstance(node.targets[0], ast.Name)):
                     values = _strings(node.value, {})
                     if values is not None:
                         names[node.targets[0].id] = values
+                    if node.targets[0].id == "level":
+                        chosen |= {n.attr for n in ast.walk(node.value)
+                                   if isinstance(n, ast.Attribute) and n.attr in LOG_METHODS}
             for node in ast.walk(func):
                 if isinstance(node, ast.Dict):
                     for key, value in zip(node.keys, node.values, strict=True):
@@ -93,14 +137,82 @@ def logged_events() -> tuple[set[str], list[str]]:
                     unknown.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
                 else:
                     events |= found
-    return events, unknown
+                    level = {f.attr} if isinstance(f, ast.Attribute) else chosen
+                    for event in found:
+                        levels.setdefault(event, set()).update(level)
+    return events, unknown, levels
 
 
-def test_every_logged_event_is_in_the_readme() -> None:
-    events = re.search(r"\nEvents\b(.*?)\n\n", README, re.S)
-    assert events is not None
-    documented = set(re.findall(r"`([a-z_]+)`", events.group(1)))
-    logged, unknown = logged_events()
+def test_every_logged_event_is_documented_at_its_level() -> None:
+    logged, unknown, levels = log_calls()
     assert unknown == [], "log calls whose event name this test cannot read"
     assert {"link_up", "link_down", "smtp_send", "round_done", "log_events_dropped"} <= logged
-    assert sorted(logged - documented) == [], "logged but missing from the README's Events:"
+    documented = documented_events()
+    assert sorted(logged - set(documented)) == [], f"logged but missing from {EVENTS}"
+    wrong = {e: (documented[e], found) for e, found in levels.items()
+             if found and documented[e] != found}
+    assert wrong == {}, f"{EVENTS} says another level (documented, logged)"
+
+
+EVENT_LIKE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
+
+
+def error_names() -> set[str]:
+    """What an `error=` field can say: a failure class the code names, or an exception of the
+    libraries a session goes through (aiosmtplib, ssl, asyncio, builtins)."""
+    code = "".join(p.read_text() for p in (ROOT / "etrnd").rglob("*.py"))
+    names = set(re.findall(r'"([A-Z][A-Za-z]+)"', code))
+    for module in (aiosmtplib, ssl, asyncio, builtins):
+        names |= {n for n, v in vars(module).items()
+                  if isinstance(v, type) and issubclass(v, BaseException)}
+    return names
+
+
+def test_troubleshooting_table_names_what_the_code_logs() -> None:
+    """Each row's middle column quotes the journal: `event key=value ...`. The event must be
+    one the code logs and an `error=` one a session can report, or the operator greps in vain
+    (the README once sent them to `etrn_session_failed error=AuthenticationFailed` for a
+    wrong password, which the code logs as `etrn_auth_failed code=535`)."""
+    header, *rows = docs.table(docs.section("README.md", "Troubleshooting"))
+    assert [h.split()[0] for h in header] == ["symptom", "what", "what"], header
+    assert len(rows) >= 10 and all(len(row) == 3 for row in rows), rows
+    logged, _ = logged_events()
+    errors = error_names()
+    quoted: list[str] = []
+    for symptom, shows, _ in rows:
+        for span in re.findall(r"`([^`]+)`", shows):
+            words = span.split()
+            if EVENT_LIKE.fullmatch(words[0]):
+                quoted.append(words[0])
+                assert words[0] in logged, f"{symptom}: {words[0]} is not an event the code logs"
+            for word in words:
+                if word.startswith("error="):
+                    assert word.removeprefix("error=") in errors, f"{symptom}: {word}"
+    assert {"etrn_auth_failed", "etrn_refused", "etrn_session_failed"} <= set(quoted)
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def test_every_link_in_the_docs_leads_somewhere() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = page.read_text()
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, fragment = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif fragment and dest.suffix == ".md":
+                ids = {anchor(m.group(2)) for m in docs.HEADING.finditer(dest.read_text())}
+                if fragment not in ids:
+                    broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []

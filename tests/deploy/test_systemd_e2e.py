@@ -1,10 +1,11 @@
-"""The README's gateway recipe, run as written under a real systemd (PID 1 in systemd-nspawn).
+"""The docs' gateway recipes, run as written under a real systemd (PID 1 in systemd-nspawn).
 
 One container boots Debian's systemd in a network namespace whose `ppp0` is a veth to an "ISP"
 namespace. There tests/isp_relay.py (aiosmtpd) answers as mail.isp.example: STARTTLS with a
 test CA, AUTH, ETRN (250, and 459 for example.net). Inside the container the README's install
 block runs line by line (the only adaptation: the package source is the wheel of this
-checkout), then each test checks what an operator would, with systemctl and journalctl.
+checkout), then each test checks what an operator would, with systemctl and journalctl, and runs
+the commands docs/deployment.md and docs/logs.md print for `etrnd send` and debug logs.
 The tests share that one booted machine and run in file order; the last one reboots it.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import docs
 from tests.support.daemonproc import wait_for
 from tests.support.nettools import Netns, netns, unique, veth
 from tests.support.rootfs import cached_root
@@ -34,24 +36,15 @@ from tests.support.systemdbox import Machine, booted, missing_tools, overlay
 pytestmark = pytest.mark.root
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+README = docs.read("README.md")
 PACKAGES = ("systemd", "dbus", "python3", "python3-venv", "sudo", "ca-certificates", "jq")
 ISP, WAN = "198.51.100.1", "198.51.100.2"
 USR1 = "systemctl kill --kill-whom=main -s USR1 etrnd"
 # Unique, so finding it anywhere in the journal can only mean it leaked.
 PASSWORD = "pw-" + secrets.token_hex(12)
-
-
-def readme_block(heading: str, starts: str = "", contains: str = "") -> list[str]:
-    """The commands of the first sh block under `heading` whose first line starts with
-    `starts` and which contains `contains`, comments and blank lines dropped."""
-    section = README.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
-        lines = [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines()]
-        lines = [line for line in lines if line and not line.startswith("#")]
-        if lines and lines[0].startswith(starts) and contains in block:
-            return lines
-    raise AssertionError(f"README: no sh block starting {starts!r} under {heading!r}")
+# Where the recipes this test runs are printed, besides the README's own sections.
+IP_UP = "`etrnd send` from a shell or an ip-up script"  # docs/deployment.md
+DEBUG_LOGS = "Debug logs: what was said on the wire"  # docs/logs.md
 
 
 @dataclass
@@ -142,7 +135,7 @@ def install(box: Machine, wheel: str, timings: dict[str, float]) -> None:
     box.run("cp /setup/etrnd-test-ca.crt /usr/local/share/ca-certificates/ && "
             "update-ca-certificates && cp /setup/pip.conf /etc/pip.conf && "
             f"printf '{ISP} mail.isp.example\\n127.0.1.1 %s\\n' \"$(hostname)\" >> /etc/hosts")
-    recipe = readme_block("Install on a gateway", "sudo python3 -m venv")
+    recipe = docs.commands("README.md", "Install on a gateway", "sudo python3 -m venv")
     assert recipe[-1] == "journalctl -u etrnd -f", recipe
     assert recipe[0].endswith("/pip install ."), recipe  # the unpacked source
     for line in recipe[:-1]:
@@ -251,7 +244,7 @@ def test_journal_fields_work_as_the_readme_shows(gw: Gateway) -> None:
     only = gw.box.out("journalctl --no-pager -u etrnd EVENT=etrn_reply -o cat").splitlines()
     assert len(only) == 2 and all(line.startswith("etrn_reply ") for line in only), only
     # Every command of the README's Logs block runs and answers (-f: until its first line).
-    for line in readme_block("Logs"):
+    for line in docs.commands("README.md", "Logs"):
         if line.endswith(" -f"):
             follow = subprocess.Popen(gw.box.argv(line), stdout=subprocess.PIPE, text=True)
             assert follow.stdout is not None and follow.stdout.readline()
@@ -265,7 +258,7 @@ def test_journal_fields_work_as_the_readme_shows(gw: Gateway) -> None:
 
 
 def test_status_trigger_reload_block_runs(gw: Gateway) -> None:
-    lines = readme_block("Status, trigger, reload")
+    lines = docs.commands("README.md", "Status, trigger, reload")
     assert lines == ["etrnd status", "etrnd status --json", "etrnd trigger",
                      "systemctl reload etrnd"], lines
     sent, reloads = len(gw.relay.etrns()), len(gw.events("config_reloaded"))
@@ -334,7 +327,7 @@ def test_reload_keeps_a_bad_config_and_uses_a_good_one(gw: Gateway) -> None:
     sends = [e["MESSAGE"] for e in gw.events("smtp_send") if e["PRIORITY"] == "7"]
     assert any(m.startswith("smtp_send") and "AUTH" in m for m in sends), sends
     # The README's debug-log queries find that dialogue.
-    for line in readme_block("Troubleshooting with debug logs", "journalctl"):
+    for line in docs.commands("docs/logs.md", DEBUG_LOGS, "journalctl"):
         out = box.out(line.replace("journalctl", "journalctl --no-pager"))
         assert "smtp_send" in out and "AUTH PLAIN <redacted>" in out, (line, out)
     export = box.out("journalctl --no-pager -o export")  # every field of every unit
@@ -346,7 +339,7 @@ def test_reload_keeps_a_bad_config_and_uses_a_good_one(gw: Gateway) -> None:
 
 def test_send_from_an_ip_up_script(gw: Gateway) -> None:
     """The README's ip-up line: systemd-run hands `send` the same credential."""
-    lines = readme_block("Install on a gateway", "systemd-run ")
+    lines = docs.commands("docs/deployment.md", IP_UP, "systemd-run ")
     assert len(lines) == 1, lines
     sent = len(gw.relay.etrns())
     res = gw.box.run(lines[0], check=False)
@@ -359,7 +352,7 @@ def test_send_from_an_ip_up_script(gw: Gateway) -> None:
     gw.relay.wait_etrns(sent + 4)
     # The ip-up form: returns at once; the round runs in a transient unit that logs to the
     # journal and is collected when it ends, so the next link-up can use the name again.
-    (background,) = readme_block("Install on a gateway", "systemd-run ", "--no-block")
+    (background,) = docs.commands("docs/deployment.md", IP_UP, "systemd-run ", "--no-block")
     unit = re.search(r"--unit=(\S+)", background)
     assert unit is not None and "CollectMode=inactive-or-failed" in background, background
     name = unit[1]

@@ -24,13 +24,13 @@ from etrnd.protocols import etrn
 from etrnd.protocols.transcript import BODY, MAX_LINE, Transcript, TranscriptSMTP
 from tests.protocols.test_etrn_faults import relay, send
 from tests.service.test_logging import receive
+from tests.support import docs
 from tests.support.authsmtp import CHALLENGE, MECHANISMS, AuthServer, serve
 from tests.support.fakesmtp import OK, PARTIAL, FakeSmtp
 from tests.support.fakesmtp import serve as serve_fake
 
 USER = "office"
 PASSWORD = "Tr0ub4dor-&3-never-log-me"
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ async def test_tls_auth_session_transcript(tmp_path: Path, ca: trustme.CA,
     # Not bound to an address: the kernel chooses, said so in every format (not None/null).
     assert [e["source"] for e in run.events if e["event"] == "etrn_egress"] == ["kernel"]
     assert " source=kernel" in console.err and "None" not in console.err
-    # The README quotes this very run, as the console shows it.
-    quoted = README.read_text().split("$ etrnd send -v\n", 1)[1].split("```", 1)[0]
+    # docs/logs.md quotes this very run, as the console shows it.
+    quoted = docs.read("docs/logs.md").split("$ etrnd send -v\n", 1)[1].split("```", 1)[0]
     # The dialogue exactly; other events (other issues' to shape) by name and order.
     ours, theirs = normalise(quoted), normalise(console.err)
     assert [x for x in ours if " smtp_" in x] == [x for x in theirs if " smtp_" in x]
