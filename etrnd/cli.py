@@ -15,7 +15,8 @@ EXIT_OK = 0
 EXIT_FATAL = 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `etrnd` command line; scripts/manpages.py writes etrnd(8) from it."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
@@ -97,7 +98,7 @@ def _check_config(path: str | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     path: str | None = getattr(args, "config", None)
     try:
         if args.command == "check-config":
