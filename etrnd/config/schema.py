@@ -75,17 +75,33 @@ class _Model(BaseModel):
 
 
 class Watch(_Model):
-    interfaces: tuple[InterfacePattern, ...] = ()
-    up_when: Literal["carrier", "address", "default-route"] = "default-route"
-    family: Literal["ipv4", "ipv6", "any"] = "any"
-    settle: Duration = 2.0
-    min_interval: Duration = 30.0
+    interfaces: tuple[InterfacePattern, ...] = Field(default=(), description=(
+        "The WAN: interface names or shell globs (`ppp0`, `wwan*`), followed by name, so an "
+        "interface that vanishes and comes back with a new index is the same WAN. Empty: any "
+        "interface."))
+    up_when: Literal["carrier", "address", "default-route"] = Field(
+        default="default-route", description=(
+            "When the link counts as up. `carrier`: admin up and lower up, and the operstate "
+            "not DORMANT, TESTING or NOTPRESENT. `address`: that, and a usable global address "
+            "of `family`. `default-route`: that, and a default route through the interface "
+            "(through any interface when `interfaces` is empty)."))
+    family: Literal["ipv4", "ipv6", "any"] = Field(default="any", description=(
+        "The address family that `address` and `default-route` look at."))
+    settle: Duration = Field(default=2.0, description=(
+        "Wait this long after the link comes up before the first round; a down within it "
+        "cancels the round."))
+    min_interval: Duration = Field(default=30.0, description=(
+        "Never start two link-up rounds closer together than this: a later link-up's round "
+        "waits until then."))
 
 
 class Auth(_Model):
-    username: WireToken
-    password_file: Password
-    allow_plaintext: bool = False
+    username: WireToken = Field(description="The AUTH user name.")
+    password_file: Password = Field(description=(
+        "The file that holds the password on one line: a path, or a bare name looked up in "
+        "`$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`, the image's /run/secrets)."))
+    allow_plaintext: bool = Field(default=False, description=(
+        "Allow AUTH without TLS, which sends the password in clear; only with `tls: none`."))
 
 
 TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
@@ -105,20 +121,47 @@ def default_helo(name: str | None = None) -> str:
 
 
 class Relay(_Model):
-    name: WireToken | None = None
-    protocol: Literal["etrn", "odmr"] = "etrn"  # odmr: RFC 2645 ATRN, mail over this session
-    host: ServerName | None = None
-    hosts: tuple[ServerName, ...] | None = Field(default=None, min_length=1)
-    port: int | None = Field(default=None, ge=1, le=65535)
-    tls: TlsMode = "opportunistic"
-    verify: bool = True
-    helo: HostName | None = None
-    auth: Auth | None = None
-    timeout: Duration = 30.0
-    etrn: tuple[EtrnArgument, ...] = Field(min_length=1)  # odmr: the domains for ATRN
-    deliver_to: DeliverTarget | None = None  # odmr only; default DEFAULT_DELIVER_TO
-    # Address to send from: auto | kernel | an address (etrnd.link.egress; README "egress").
-    source: Annotated[str, AfterValidator(check_source)] = "auto"
+    name: WireToken | None = Field(default=None, description=(
+        "The relay's name in the log, `etrnd status` and `--relay`. Default: its (first) host."))
+    protocol: Literal["etrn", "odmr"] = Field(default="etrn", description=(
+        "`etrn`: ask the relay to start delivering its queue to the office (RFC 1985). `odmr`: "
+        "authenticate, send ATRN and take the mail over this connection, relaying each message "
+        "to `deliver_to` (RFC 2645)."))
+    host: ServerName | None = Field(default=None, description=(
+        "The relay's host name (the one on its certificate) or address. Give `host` or "
+        "`hosts`."))
+    hosts: tuple[ServerName, ...] | None = Field(default=None, min_length=1, description=(
+        "Several hosts of one relay, tried in order; after a failure the next one is tried "
+        "first. Give `host` or `hosts`."))
+    port: int | None = Field(default=None, ge=1, le=65535, description=(
+        "The TCP port. Default: 25; 465 with `tls: implicit`; 366 with `protocol: odmr`."))
+    tls: TlsMode = Field(default="opportunistic", description=(
+        "`none`: never. `opportunistic`: STARTTLS when the server offers it. `starttls`: "
+        "STARTTLS or nothing is sent. `implicit`: TLS from the connect (port 465)."))
+    verify: bool = Field(default=True, description=(
+        "Check the certificate and that it names the host, whenever TLS is used."))
+    helo: HostName | None = Field(default=None, description=(
+        "The name etrnd gives in EHLO. Default: this machine's FQDN (looked up once at start, "
+        "for at most 2 s; the host name until then)."))
+    auth: Auth | None = Field(default=None, description=(
+        "SMTP AUTH (RFC 4954) before ETRN or ATRN; required with `protocol: odmr`. Never sent "
+        "without TLS unless `tls: none` and `allow_plaintext: true` (ODMR without TLS uses only "
+        "CRAM-MD5, which does not send the password)."))
+    timeout: Duration = Field(default=30.0, description=(
+        "The bound of each SMTP step (connect, greeting, each command); with ODMR also the "
+        "longest silence of the provider after the turnaround."))
+    etrn: tuple[EtrnArgument, ...] = Field(min_length=1, description=(
+        "What to ask for. ETRN: a node name, `@domain` (the domain and its subdomains) or "
+        "`#queue`. ODMR: plain domains for ATRN. White space, control characters and names a "
+        "server would refuse as syntax are rejected when the file is loaded."))
+    deliver_to: DeliverTarget | None = Field(default=None, description=(
+        "ODMR only: the office MTA that takes the mail, `HOST:PORT` (SMTP), `lmtp:HOST:PORT` or "
+        "`lmtp:/path/to/socket` (LMTP). Default: 127.0.0.1:25."))
+    source: Annotated[str, AfterValidator(check_source)] = Field(default="auto", description=(
+        "The address to send from. `auto`: the watched interface's address when the kernel "
+        "routes packets from it through that interface, else the kernel's choice. `kernel`: "
+        "never bind. An address: always send from it. A route through another interface than "
+        "the one that is up logs etrn_egress_mismatch either way."))
 
     @field_validator("etrn")
     @classmethod
@@ -177,11 +220,16 @@ class Relay(_Model):
 
 
 class Retry(_Model):
-    first_delay: Duration = 5.0
-    max_delay: Duration = 600.0
-    factor: float = Field(default=2.0, ge=1.0, le=100.0)
-    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
-    give_up_after: Duration = 7200.0
+    first_delay: Duration = Field(default=5.0, description=(
+        "The first retry after a transient failure (connect, TLS, time-out, 4xx)."))
+    max_delay: Duration = Field(default=600.0, description="The longest wait between tries.")
+    factor: float = Field(default=2.0, ge=1.0, le=100.0, description=(
+        "Each wait is the previous one times this."))
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0, description=(
+        "Each wait varies by up to this fraction either way, so that many gateways do not "
+        "retry in step."))
+    give_up_after: Duration = Field(default=7200.0, description=(
+        "Stop retrying a round after this long (etrn_gave_up); 0: never, while the link is up."))
 
     @model_validator(mode="after")
     def _check(self) -> Retry:
@@ -200,29 +248,47 @@ def _check_socket_path(value: Path) -> Path:
 
 
 class Control(_Model):
-    socket: Annotated[Path, AfterValidator(_check_socket_path)] = Path("/run/etrnd/control.sock")
+    socket: Annotated[Path, AfterValidator(_check_socket_path)] = Field(
+        default=Path("/run/etrnd/control.sock"), description=(
+            "The unix socket that `etrnd status` and `etrnd trigger` talk to (mode 0660)."))
 
 
 class Log(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "console", "json", "journal"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description=(
+        "The least severe level logged; `debug` adds the SMTP dialogue, AUTH redacted."))
+    format: Literal["auto", "console", "json", "journal"] = Field(default="auto", description=(
+        "`console`: one readable line an event. `json`: one object a line. `journal`: native "
+        "journal fields. `auto`: the journal when standard error is systemd's journal stream, "
+        "the console on a terminal, else JSON."))
 
 
 class LocalMtaCheck(_Model):
     """Hold rounds until this MTA greets with 220 (etrnd.service.mtagate), at most max_wait."""
 
-    address: DeliverTarget
-    max_wait: Duration = 300.0
+    address: DeliverTarget = Field(description=(
+        "The office MTA, `HOST:PORT` or `lmtp:...` as for `deliver_to`; probed once a second "
+        "until it greets with 220."))
+    max_wait: Duration = Field(default=300.0, description=(
+        "After this long the round goes ahead anyway (local_mta_wait_gave_up)."))
 
 
 class Config(_Model):
-    local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = None
-    watch: Watch = Watch()
-    relays: tuple[Relay, ...] = Field(min_length=1)
-    retry: Retry = Retry()
-    repeat: Duration = 0.0
-    control: Control = Control()
-    log: Log = Log()
+    local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = Field(
+        default=None, description=(
+            "Hold every round until the office's own MTA greets with 220, so the ISP does not "
+            "deliver into a closed door at boot. `local_mta: HOST:PORT` is short for "
+            "`local_mta: {address: HOST:PORT}`."))
+    watch: Watch = Field(default=Watch(), description=(
+        "Which interfaces make up the WAN, and when it counts as up."))
+    relays: tuple[Relay, ...] = Field(min_length=1, description=(
+        "The servers to ask for the mail: at least one, each with its own protocol, hosts, TLS "
+        "and arguments."))
+    retry: Retry = Field(default=Retry(), description=(
+        "Backoff after transient failures, per relay and round."))
+    repeat: Duration = Field(default=0.0, description=(
+        "While the link stays up, start a new round this often; 0: only on link-up."))
+    control: Control = Field(default=Control(), description="The control socket.")
+    log: Log = Field(default=Log(), description="What is logged, and how.")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
