@@ -8,11 +8,61 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etrnd import __version__
+from etrnd.config.lint import warnings
 from etrnd.config.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
 from etrnd.config.schema import Config, resolve_path
 
 EXIT_OK = 0
 EXIT_FATAL = 1
+
+
+# What each command's --help says beyond its options (the man page is generated from this
+# parser, so these texts are the reference): what it does, its exit codes, for run the signals.
+_RUN = """\
+Watch the WAN link through the kernel's netlink events and, each time it comes up, send
+ETRN (or ODMR's ATRN) to every configured relay, retrying with backoff until each answers.
+Runs in the foreground: systemd (Type=notify) and Docker start it so."""
+_RUN_EPILOG = """\
+signals:
+  SIGTERM, SIGINT  stop: close open sessions cleanly, exit 0
+  SIGHUP           re-read the config; an invalid one is logged and the old one kept
+  SIGUSR1          start a round now, as `etrnd trigger` does
+
+exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  another fatal error (netlink refused, control socket taken, ...)
+  2  invalid configuration (every problem listed on stderr)"""
+_CHECK = """\
+Load and validate the config, print a one-screen summary of it, then any warnings: values
+that are valid but will not work here (the example's placeholders, port 25 with tls: implicit
+or protocol: odmr, an interface that does not exist, a missing control socket directory, a
+password file the service's user cannot read). Nothing is sent anywhere."""
+_CHECK_EPILOG = """\
+exit status:
+  0  valid (warnings, if any, on stderr)
+  2  invalid, or warnings with --strict: each problem on stderr as `key.path: what is wrong`"""
+_SEND = """\
+One round now on every relay (or one), without watching the link: for ip-up scripts and
+cron. Retries transient failures per retry: until give_up_after. Prints one line per relay
+on stdout: what was accepted, refused or failed, each with the server's reason."""
+_SEND_EPILOG = """\
+exit status:
+  0  every argument accepted
+  2  invalid configuration, relay name or argument
+  3  some refused permanently (a 5xx or 459 reply, AUTH refused, ETRN not supported)
+  4  some still failing when retries gave up (connection, time-out, TLS, 4xx)
+  130  interrupted"""
+_TRIGGER = "Ask the running daemon, over its control socket, to start a round now."
+_TRIGGER_EPILOG = """\
+exit status:
+  0  the daemon accepted the request
+  1  no daemon answers on the control socket, or it refused the request"""
+_STATUS = ("Show the running daemon's state: the link, and each relay's and argument's last "
+           "result and next try.")
+_STATUS_EPILOG = """\
+exit status:
+  0  the daemon answered
+  1  no daemon answers on the control socket"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,20 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etrnd", parents=[common],
         description="Send SMTP ETRN to your ISP's relays when the WAN link comes up.",
+        epilog="Run `etrnd COMMAND --help` for what each command does and its exit status.",
     )
     parser.add_argument("--version", action="version", version=f"etrnd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
-    sub.add_parser("check-config", parents=[common], help="validate the config and summarise it")
-    send = sub.add_parser("send", parents=[common], help="one ETRN round now, no link watching")
+
+    def command(name: str, summary: str, description: str,
+                epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=summary, description=description,
+                              epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    command("run", "run the daemon in the foreground", _RUN, _RUN_EPILOG)
+    check = command("check-config", "validate the config and summarise it", _CHECK,
+                    _CHECK_EPILOG)
+    check.add_argument("--strict", action="store_true",
+                       help="treat warnings as errors (exit 2), e.g. before a deployment")
+    send = command("send", "one ETRN round now, no link watching", _SEND, _SEND_EPILOG)
     send.add_argument("--relay", metavar="NAME", help="only this relay")
     send.add_argument("-v", "--debug", action="store_true",
                       help="log at debug level for this run: the SMTP dialogue, AUTH redacted")
     send.add_argument("args", nargs="*", metavar="ARG",
                       help="ETRN arguments to send instead of the configured ones")
-    trigger = sub.add_parser("trigger", parents=[common], help="ask the daemon for a round now")
+    trigger = command("trigger", "ask the daemon for a round now", _TRIGGER, _TRIGGER_EPILOG)
     trigger.add_argument("--relay", metavar="NAME", help="only this relay")
-    status = sub.add_parser("status", parents=[common], help="show the running daemon's state")
+    status = command("status", "show the running daemon's state", _STATUS, _STATUS_EPILOG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -80,7 +140,7 @@ def summary(config: Config, path: Path) -> str:
     return "\n".join(lines)
 
 
-def _check_config(path: str | None) -> int:
+def _check_config(path: str | None, strict: bool = False) -> int:
     # A credential that systemd hands only to the service is checked where the unit loads it
     # from, or named as not checked: from a shell it cannot be read and that is not an error.
     config = load_or_report(path, defer_credentials=True)
@@ -91,9 +151,18 @@ def _check_config(path: str | None) -> int:
     if problems:
         report(path, problems)
         return EXIT_CONFIG
+    warned = warnings(config)
+    if strict and warned:
+        report(path, warned, why="--strict: warnings are errors")
+        return EXIT_CONFIG
     print(summary(config, resolve_path(path)))
     for finding in findings:
         print(f"secret {finding.key}: {finding.text}")
+    if warned:
+        _err(f"{len(warned)} warning{'s' if len(warned) > 1 else ''} "
+             f"(exit 0; --strict makes them errors):")
+        for line in warned:
+            print(f"  {line}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -102,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path: str | None = getattr(args, "config", None)
     try:
         if args.command == "check-config":
-            return _check_config(path)
+            return _check_config(path, strict=args.strict)
         if args.command == "send":
             from etrnd.send import send_command
 

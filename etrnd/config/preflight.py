@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etrnd.config.credentials import Secret, check_password_text, password_notice
+from etrnd.config.problems import key_path
 from etrnd.config.schema import Config, ConfigError, load_config, resolve_path
 from etrnd.outputs.logs import get_logger
 
@@ -34,9 +35,9 @@ def load_or_report(path: str | None, *, defer_credentials: bool = False) -> Conf
         return None
 
 
-def report(path: str | None, problems: list[str]) -> None:
+def report(path: str | None, problems: list[str], why: str = "") -> None:
     """Print `problems` (each `key.path: reason`) under the config's path, to stderr."""
-    _err(f"invalid configuration {resolve_path(path)}:")
+    _err(f"invalid configuration {resolve_path(path)}{f' ({why})' if why else ''}:")
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
 
@@ -62,7 +63,8 @@ def check_secrets(config: Config) -> list[Finding]:
     for i, relay in enumerate(config.relays):
         if relay.auth is None:
             continue
-        key, secret = f"relays.{i}.auth.password_file", relay.auth.password_file
+        key = key_path(("relays", i, "auth", "password_file"), {i: relay.label})
+        secret = relay.auth.password_file
         if secret.unread is not None:
             findings.append(_check_credential(key, secret))
         elif secret.notice is not None:
@@ -151,5 +153,17 @@ def unit_credentials(unit: str) -> dict[str, str] | str:
     return {str(name): str(source) for name, source in pairs}
 
 
+def unit_runtime_directories(unit: str) -> list[str] | str:
+    """The unit's `RuntimeDirectory=` names (made under /run at start), or why systemd could
+    not tell."""
+    try:
+        if _unit_property(unit, "Unit", "LoadState") != "loaded":
+            return f"{unit} is not installed"
+        names = _unit_property(unit, "Service", "RuntimeDirectory")
+    except (OSError, RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError) as exc:
+        return f"systemd could not tell: {exc}"
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
 __all__ = ["EXIT_CONFIG", "UNIT", "Finding", "check_secrets", "load_or_report", "report",
-           "unit_credentials", "warn_secrets"]
+           "unit_credentials", "unit_runtime_directories", "warn_secrets"]

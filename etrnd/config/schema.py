@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -22,7 +20,9 @@ from pydantic import (
     model_validator,
 )
 
+from etrnd.config import yamlsource
 from etrnd.config.credentials import DEFER_CREDENTIALS, Secret, read_password
+from etrnd.config.problems import problems
 from etrnd.config.values import (
     DEFAULT_DELIVER_TO,
     DeliverTo,
@@ -36,6 +36,7 @@ from etrnd.config.values import (
     parse_deliver_to,
     parse_duration,
 )
+from etrnd.config.yamlsource import Document
 
 DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
 ENV_CONFIG = "ETRND_CONFIG"
@@ -307,35 +308,6 @@ class Config(_Model):
         raise KeyError(f"no relay named {name!r} (configured: {known})")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        try:
-            hash(key)
-        except TypeError:  # `? [a]: b` or `{a: 1}: b`: YAML allows it, no config key is one
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value, not a list or mapping",
-                key_node.start_mark) from None
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
     """`-c FILE`, else `$ETRND_CONFIG`, else the system default."""
     if path:
@@ -344,46 +316,9 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
     return Path(env) if env else DEFAULT_PATH
 
 
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    # Pydantic puts validator names (e.g. "function-after[...]") into some locations.
-    parts = [_key(p) for p in loc if not (isinstance(p, str) and "[" in p)]
-    return ".".join(parts) or "(top level)"
-
-
-def _key(part: int | str) -> str:
-    # An unknown key is the user's text: quote it when it is empty or holds a line break or
-    # other control, so each problem stays one readable `key.path: reason` line.
-    text = str(part)
-    return text if text and text.isprintable() and text.strip() == text else repr(text)
-
-
-# Pydantic's words for its own types (tuple, dict, model) mean nothing to someone writing
-# YAML: say it in YAML's terms. Keyed by error type, so every field gets the same wording.
-_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-    "tuple_type": "should be a list, e.g. [a, b]",
-    "list_type": "should be a list, e.g. [a, b]",
-    "dict_type": "should be a mapping of keys (key: value)",
-    "model_type": "should be a mapping of keys (key: value)",
-}
-
-
-def _problems(exc: ValidationError) -> Iterator[str]:
-    errors = exc.errors(include_url=False, include_input=False)
-    locs = [_format_loc(err["loc"]) for err in errors]
-    for err, loc in zip(errors, locs, strict=True):
-        # A list whose items failed also reports "too short": only the items' reasons help.
-        if err["type"] == "too_short" and any(o.startswith(loc + ".") for o in locs):
-            continue
-        msg = _MESSAGES.get(err["type"], err["msg"])
-        for prefix in ("Value error, ", "Assertion failed, "):
-            msg = msg.removeprefix(prefix)
-        yield f"{loc}: {msg}"
-
-
-def parse_config(data: object, *, defer_credentials: bool = False) -> Config:
-    """Validate an already-parsed YAML document.
+def parse_config(data: object, *, defer_credentials: bool = False,
+                 document: Document | None = None) -> Config:
+    """Validate an already-parsed YAML document (`document`: where each value was written).
 
     With `defer_credentials`, a systemd credential that exists only inside the service is
     returned as an unread Secret instead of failing (check-config from a shell).
@@ -395,24 +330,16 @@ def parse_config(data: object, *, defer_credentials: bool = False) -> Config:
     try:
         return Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
-        raise ConfigError(list(_problems(exc))) from None
+        raise ConfigError(list(problems(exc, document, data))) from None
 
 
 def parse_yaml(text: str, source: str = "<config>", *,
                defer_credentials: bool = False) -> Config:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError([f"{where}: YAML syntax: {exc.problem or exc.context}"]) from None
-    except yaml.YAMLError as exc:
-        # e.g. ReaderError (a control character): its text spans lines; a problem is one.
-        raise ConfigError([f"{source}: YAML syntax: {' '.join(str(exc).split())}"]) from None
-    except RecursionError:
-        # PyYAML composes recursively: `[[[[...` a few thousand deep exhausts the stack.
-        raise ConfigError([f"{source}: YAML syntax: nested too deeply"]) from None
-    return parse_config(data, defer_credentials=defer_credentials)
+        document = yamlsource.read(text, source)
+    except yamlsource.YamlError as exc:
+        raise ConfigError([exc.problem]) from None
+    return parse_config(document.data, defer_credentials=defer_credentials, document=document)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,
@@ -424,7 +351,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
     except OSError as exc:
         raise ConfigError([f"{resolved}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{resolved}: not UTF-8 text (byte {exc.start})"]) from None
+        text = yamlsource.decode(raw, str(resolved))
+    except yamlsource.YamlError as exc:
+        raise ConfigError([exc.problem]) from None
     return parse_yaml(text, str(resolved), defer_credentials=defer_credentials)

@@ -85,7 +85,7 @@ def test_etrn_arguments(arg: str, ok: bool) -> None:
         assert parse_yaml(text).relays[0].etrn == (arg,)
     else:
         found = problems(text)
-        assert len(found) == 1 and found[0].startswith("relays.0.etrn.0: "), found
+        assert len(found) == 1 and found[0].startswith("relays[h.example].etrn.0: "), found
 
 
 def test_every_problem_listed_with_key_path() -> None:
@@ -103,15 +103,16 @@ def test_every_problem_listed_with_key_path() -> None:
     )
     found = problems(text)
     assert found == [
-        "watch.up_when: Input should be 'carrier', 'address' or 'default-route'",
+        "watch.up_when: must be 'carrier', 'address' or 'default-route', not 'sometimes'",
         "watch.settle: a duration must be a finite number >= 0",
         "watch.colour: unknown key",
-        "relays.0.host: must not contain white space or control characters",
-        "relays.0.tls: Input should be 'none', 'opportunistic', 'starttls' or 'implicit'",
-        "relays.0.etrn.1: must not contain white space or control characters",
-        "relays.1: give exactly one of host or hosts",
+        "relays[mail isp].host: must not contain white space or control characters",
+        "relays[mail isp].tls: must be 'none', 'opportunistic', 'starttls' or 'implicit', "
+        "not 'maybe'",
+        "relays[mail isp].etrn.1: must not contain white space or control characters",
+        "relays[b.example]: give exactly one of host or hosts",
         "retry: max_delay must not be shorter than first_delay",
-        "log.level: Input should be 'debug', 'info', 'warning' or 'error'",
+        "log.level: must be 'debug', 'info', 'warning' or 'error', not 'loud'",
     ]
 
 
@@ -120,10 +121,10 @@ def test_a_scalar_where_a_list_belongs_says_list() -> None:
     found = problems("watch: {interfaces: ppp0}\nretry: 5s\n"
                      "relays: [{hosts: mx1.example, etrn: '@a.example'}]\n")
     assert found == [
-        "watch.interfaces: should be a list, e.g. [a, b]",
-        "relays.0.hosts: should be a list, e.g. [a, b]",
-        "relays.0.etrn: should be a list, e.g. [a, b]",
-        "retry: should be a mapping of keys (key: value)",
+        "watch.interfaces: should be a list: write [ppp0]",
+        "relays[mx1.example].hosts: should be a list: write [mx1.example]",
+        "relays[mx1.example].etrn: should be a list: write ['@a.example']",
+        "retry: should be a mapping of keys (key: value), not '5s'",
     ]
     assert not [p for p in found if "tuple" in p or "dictionary" in p]
 
@@ -151,9 +152,10 @@ def test_plaintext_auth_policy(tmp_path: Path) -> None:
         f"relays:\n  - host: h.example\n    etrn: [n]\n"
         f"    auth: {{username: u, password_file: {pw}"
     )
-    assert problems(base + "}\n    tls: none\n")[0].startswith("relays.0: auth with tls: none")
+    assert problems(base + "}\n    tls: none\n")[0].startswith(
+        "relays[h.example]: auth with tls: none")
     assert problems(base + ", allow_plaintext: true}\n")[0] == (
-        "relays.0: auth.allow_plaintext only applies with tls: none"
+        "relays[h.example]: auth.allow_plaintext only applies with tls: none"
     )
     parse_yaml(base + ", allow_plaintext: true}\n    tls: none\n")
 
@@ -201,8 +203,8 @@ def test_check_config_cli(tmp_path: Path, example_text: str) -> None:
     bad.write_text("relays:\n  - host: h.example\n    etrn: ['a b']\n    port: 0\n")
     res = run_cli("check-config", "-c", str(bad))
     assert res.returncode == 2
-    assert "relays.0.port: Input should be greater than or equal to 1" in res.stderr
-    assert "relays.0.etrn.0: must not contain white space" in res.stderr
+    assert "relays[h.example].port: should be 1 or more, not 0" in res.stderr
+    assert "relays[h.example].etrn.0: must not contain white space" in res.stderr
     assert "Traceback" not in res.stderr
 
     for path in (tmp_path / "nope.yaml", tmp_path):
@@ -217,14 +219,14 @@ def test_shipped_example_passes_check_config_as_shipped(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stdout.splitlines() if line.startswith("secret ")]
     assert len(notes) == 1, res.stdout
-    assert notes[0].startswith("secret relays.0.auth.password_file: not checked: 'isp' is a "
+    assert notes[0].startswith("secret relays[isp].auth.password_file: not checked: 'isp' is a "
                                "systemd credential (LoadCredential=), present only inside the "
                                "service, and $CREDENTIALS_DIRECTORY is not set; "), notes
     # ... but the commands that would use the password refuse to start without it.
     for command in ("run", "send"):
         res = run_cli(command, "-c", str(EXAMPLE), env=env)
         assert res.returncode == 2, (command, res.stderr)
-        assert "relays.0.auth.password_file: 'isp' is a systemd credential" in res.stderr
+        assert "relays[isp].auth.password_file: 'isp' is a systemd credential" in res.stderr
         assert "systemd-run --wait --pipe -p LoadCredential=isp:FILE" in res.stderr
 
 
@@ -234,7 +236,7 @@ def test_check_config_still_fails_a_credential_it_can_read(tmp_path: Path) -> No
     env = {**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path)}
     res = run_cli("check-config", "-c", str(EXAMPLE), env=env)
     assert res.returncode == 2
-    assert f"relays.0.auth.password_file: {tmp_path / 'isp'} is empty" in res.stderr
+    assert f"relays[isp].auth.password_file: {tmp_path / 'isp'} is empty" in res.stderr
 
 
 def test_credential_path_of_another_service_is_deferred_too(tmp_path: Path) -> None:
@@ -275,7 +277,8 @@ def test_password_with_blanks_at_its_ends_is_kept_but_noticed(tmp_path: Path) ->
     res = run_cli("check-config", "-c", str(config))
     assert res.returncode == 0, res.stderr
     [line] = [ln for ln in res.stdout.splitlines() if ln.startswith("secret ")]
-    assert line.startswith(f"secret relays.0.auth.password_file: notice: {secret}: ")
+    assert line.startswith(
+        f"secret relays[mail.isp.example].auth.password_file: notice: {secret}: ")
     assert "ends with white space" in line and "s3cret" not in res.stdout + res.stderr
 
     with running(config, tmp_path / "log") as daemon:

@@ -56,21 +56,23 @@ def test_deliver_to_forms(text: str, want: DeliverTo) -> None:
                                  "/run/sock", "h example:25", "h.example:25\r\nRSET", ""])
 def test_bad_deliver_to(pw: Path, bad: str) -> None:
     found = problems(odmr(pw, f"    deliver_to: {json.dumps(bad)}\n"))
-    assert len(found) == 1 and found[0].startswith("relays.0.deliver_to: "), found
+    assert len(found) == 1 and found[0].startswith("relays[provider.example].deliver_to: "), found
 
 
 def test_every_problem_with_its_key_path(pw: Path) -> None:
     found = problems(odmr(pw, etrn='["@example.test", "#queue", "ok.test"]', auth=False)
                      + "  - host: etrn.example\n    etrn: [a.test]\n    deliver_to: h:25\n")
     assert found == [
-        "relays.0.etrn: '@example.test': ATRN takes domain names; write 'example.test'; "
+        "relays[provider.example].etrn: '@example.test': ATRN takes domain names; "
+        "write 'example.test'; "
         "'#queue': ODMR (ATRN) takes domain names, no queue names; write the domain(s) "
         "the provider holds mail for",
-        "relays.1: deliver_to only applies with protocol: odmr",
+        "relays[etrn.example]: deliver_to only applies with protocol: odmr",
     ]
-    assert problems(odmr(pw, etrn='["example.test."]'))[0].startswith("relays.0.etrn.0: ")
+    assert problems(odmr(pw, etrn='["example.test."]'))[0].startswith(
+        "relays[provider.example].etrn.0: ")
     assert problems(odmr(pw, auth=False)) == [
-        "relays.0: protocol: odmr needs auth (RFC 2645: ATRN only after AUTH)"]
+        "relays[provider.example]: protocol: odmr needs auth (RFC 2645: ATRN only after AUTH)"]
 
 
 def test_cram_md5_allows_tls_none_without_plaintext_consent(pw: Path) -> None:

@@ -291,7 +291,7 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
             at = check.index(next(a for a in check if a.endswith(":/run/secrets/isp:ro")))
             res = pm.podman(*check[1:at - 1], *check[at + 1:], netns=ns, check=False)
             assert res.returncode == 2, res
-            assert ("relays.0.auth.password_file: cannot read /run/secrets/isp: "
+            assert ("relays[isp].auth.password_file: cannot read /run/secrets/isp: "
                     "No such file or directory") in res.stderr, res.stderr
             assert "systemd-run" not in res.stderr
             # Started with the WAN down: nothing to do until it comes up.

@@ -208,7 +208,7 @@ def test_recipe_starts_the_service_and_it_waits_for_the_link(gw: Gateway) -> Non
 def test_check_config_from_a_shell_checks_the_credential_where_the_unit_loads_it(
         gw: Gateway) -> None:
     out = gw.box.out("sudo etrnd check-config")
-    assert ("secret relays.0.auth.password_file: credential 'isp': etrnd.service loads it "
+    assert ("secret relays[isp].auth.password_file: credential 'isp': etrnd.service loads it "
             "from /etc/etrnd/isp.secret: readable, one line") in out
     # Without root it cannot read the source: a note, not a failure.
     res = gw.box.run("setpriv --reuid=65534 --regid=65534 --clear-groups etrnd check-config")
@@ -217,7 +217,7 @@ def test_check_config_from_a_shell_checks_the_credential_where_the_unit_loads_it
     res = gw.box.run("mv /etc/etrnd/isp.secret /etc/etrnd/isp.moved && etrnd check-config; "
                      "rc=$?; mv /etc/etrnd/isp.moved /etc/etrnd/isp.secret; exit $rc", check=False)
     assert res.returncode == 2, res
-    assert ("relays.0.auth.password_file: etrnd.service loads credential 'isp' from "
+    assert ("relays[isp].auth.password_file: etrnd.service loads credential 'isp' from "
             "/etc/etrnd/isp.secret: cannot read: No such file or directory") in res.stderr
 
 

@@ -50,7 +50,7 @@ def test_check_config_refuses_trailing_dot_with_key_path(tmp_path: Path) -> None
     res = subprocess.run([sys.executable, "-m", "etrnd", "check-config", "-c", str(path)],
                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert res.returncode == 2
-    assert "relays.0.etrn.1: 'example.com.': trailing dot" in res.stderr, res.stderr
+    assert "relays[h.example].etrn.1: 'example.com.': trailing dot" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
 
 

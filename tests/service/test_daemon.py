@@ -103,7 +103,7 @@ def test_reload_keeps_old_config_when_invalid_and_applies_valid(wan: Wan, tmp_pa
             config.write_text(config.read_text().replace("@a.example", "@a example"))
             daemon.signal(signal.SIGHUP)
             failed = daemon.wait_event("config_reload_failed")
-            assert failed["problems"] == ["relays.0.etrn.0: must not contain white space or "
+            assert failed["problems"] == ["relays[isp].etrn.0: must not contain white space or "
                                           "control characters"]
             daemon.signal(signal.SIGUSR1)  # a round now: still with the old argument
             wait_for(lambda: len(server.etrns()) == 2, 10, "the SIGUSR1 round")
