@@ -37,14 +37,31 @@ def exit_status(results: Sequence[RoundResult]) -> int:
 
 
 def report(relay: Relay, result: RoundResult) -> str:
-    """One line per relay on stdout: what a script or an operator checks after `send`."""
+    """One line per relay on stdout: what a script or an operator checks after `send`.
+
+    `relay NAME: accepted: ARGS; refused: ARG (REASON), ...; failed: ARG (REASON), ...;
+    [relay refused|failed for ARGS: REASON; ]attempts: N` ("-" for an empty list; ODMR
+    relays start with their message counts). An argument the relay failed for (AUTH, ETRN
+    not supported, connect, TLS, time-out) is named under the relay's reason, not its own.
+    """
     counts = ""
     if relay.protocol == "odmr":
         m = result.messages
         counts = f"{m.relayed} relayed, {m.refused} refused, {m.deferred} deferred; "
+
+    def own(args: tuple[str, ...]) -> str:
+        mine = [a for a in args if a not in result.by_relay]
+        return ", ".join(f"{a} ({result.reasons.get(a, 'no reason known')})"
+                         for a in mine) or "-"
+
+    relay_part = ""
+    if result.by_relay:
+        verb = "failed" if any(a in result.failed for a in result.by_relay) else "refused"
+        relay_part = (f"relay {verb} for {', '.join(result.by_relay)}: "
+                      f"{result.relay_reason or 'no reason known'}; ")
     return (f"relay {result.relay}: {counts}accepted: {', '.join(result.accepted) or '-'}; "
-            f"refused: {', '.join(result.refused) or '-'}; "
-            f"failed: {', '.join(result.failed) or '-'}; attempts: {result.attempts}")
+            f"refused: {own(result.refused)}; failed: {own(result.failed)}; "
+            f"{relay_part}attempts: {result.attempts}")
 
 
 def _err(message: str) -> None:

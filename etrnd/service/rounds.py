@@ -13,7 +13,7 @@ from typing import Any
 from etrnd.config.schema import Relay, Retry
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.choose import attempt_for
-from etrnd.protocols.replies import Outcome, Verdict
+from etrnd.protocols.replies import Outcome, Verdict, describe
 from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt
 from etrnd.service.retry import Backoff
 
@@ -37,6 +37,8 @@ class ArgStatus:
     when: float | None = None  # wall-clock time of the last result
     attempts: int = 0  # how often it went (or was meant to go) on the wire this round
     pending_messages: int | None = None  # from a 253 reply
+    verdict: Verdict | None = None  # the last one, for its reason (replies.describe)
+    by_relay: bool = False  # the relay's failure (AUTH, 500/502, connect...), not this argument's
 
     def as_dict(self) -> dict[str, Any]:
         return {"arg": self.arg, "outcome": str(self.outcome), "code": self.code,
@@ -66,12 +68,22 @@ class RelayStatus:
 
 @dataclass(frozen=True)
 class RoundResult:
+    """A round's outcome per argument, and why each one not accepted was not.
+
+    `refused` and `failed` hold every argument not accepted (the exit status counts them);
+    those the relay itself failed for (`relay_reason`: AUTH, ETRN not supported, connect,
+    TLS, time-out...) are `by_relay`, all others have their own line in `reasons`.
+    """
+
     relay: str
     accepted: tuple[str, ...] = ()
     refused: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()  # gave up (deadline) or could not be tried
     attempts: int = 0
     messages: Messages = field(default_factory=Messages)  # ODMR only
+    reasons: Mapping[str, str] = field(default_factory=dict)  # argument -> describe()
+    relay_reason: str | None = None  # set when the relay failed or refused for `by_relay`
+    by_relay: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -83,6 +95,9 @@ Clock = Callable[[], float]
 
 
 def _record(status: ArgStatus, verdict: Verdict, now: float) -> None:
+    status.verdict = verdict
+    # 500/502 (ETRN not supported) or ATRN's 450/530 answer for the relay, not this argument.
+    status.by_relay = verdict.outcome is Outcome.REFUSED_RELAY
     status.code = verdict.code
     status.text = verdict.text if verdict.error is None else f"{verdict.error}: {verdict.text}"
     status.when = now
@@ -181,8 +196,10 @@ def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,
             # the arguments not yet answered are refused with the reason that stopped us.
             st.outcome, st.code, st.when = ArgOutcome.REFUSED, stop.code, now
             st.text = f"not sent: {stop.text}"
+            st.verdict, st.by_relay = stop, True
         else:
             _record(st, stop, now)
+            st.by_relay = True  # connect, TLS, time-out...: never reached this argument
             left.append(arg)
     if stop is not None and not ends_relay:
         reasons.insert(0, f"{stop.error}: {stop.text}" if stop.error else stop.text)
@@ -191,17 +208,31 @@ def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,
 
 def _finish(status: RelayStatus, log: Any) -> RoundResult:
     by: dict[ArgOutcome, list[str]] = {o: [] for o in ArgOutcome}
+    reasons: dict[str, str] = {}
+    by_relay: list[str] = []
+    relay_reason: str | None = None
     for st in status.args.values():
         by[st.outcome].append(st.arg)
+        if st.outcome is ArgOutcome.ACCEPTED:
+            continue
+        if st.verdict is None:
+            reasons[st.arg] = "not tried"
+        elif st.by_relay:
+            by_relay.append(st.arg)
+            relay_reason = relay_reason or describe(st.verdict)
+        else:
+            reasons[st.arg] = describe(st.verdict)
     result = RoundResult(
         relay=status.relay, accepted=tuple(by[ArgOutcome.ACCEPTED]),
         refused=tuple(by[ArgOutcome.REFUSED]),
         failed=tuple(by[ArgOutcome.GIVEN_UP] + by[ArgOutcome.FAILED] + by[ArgOutcome.PENDING]),
-        attempts=status.attempts, messages=status.messages,
+        attempts=status.attempts, messages=status.messages, reasons=reasons,
+        relay_reason=relay_reason, by_relay=tuple(by_relay),
     )
     level = log.info if result.ok else log.warning
+    extra = {} if relay_reason is None else {"reason": relay_reason}
     level("round_done", accepted=list(result.accepted), refused=list(result.refused),
-          failed=list(result.failed), attempts=result.attempts)
+          failed=list(result.failed), attempts=result.attempts, **extra)
     return result
 
 
@@ -218,6 +249,8 @@ async def run_all(relays: Sequence[Relay], retry: Retry, args: Sequence[str] | N
             get_logger().error("round_crashed", relay=relay.label,
                                error=type(exc).__name__, text=str(exc))
             wanted = tuple(dict.fromkeys(args if args is not None else relay.etrn))
-            return RoundResult(relay.label, failed=wanted, attempts=status.attempts)
+            return RoundResult(relay.label, failed=wanted, attempts=status.attempts,
+                               relay_reason=f"etrnd failed: {type(exc).__name__}: {exc}",
+                               by_relay=wanted)
 
     return list(await asyncio.gather(*(guarded(r) for r in relays)))

@@ -344,13 +344,14 @@ async def test_send_exit_codes_and_counts(tmp_path: Path) -> None:
 
         provider.atrn_replies = ["535 Incorrect authentication data"]
         rc, out, _ = await run_send(config)
-        assert rc == 3 and "refused: example.test" in out
+        assert rc == 3 and "relay refused for example.test: 535 Incorrect authentication " \
+            "data" in out, out
 
         provider.atrn_replies, provider.mechanisms = [], "PLAIN LOGIN"  # no CRAM-MD5
         config.write_text(config_text(tmp_path, port, f"127.0.0.1:{office_port}",
                                       plaintext=False, give_up="1h"))
         rc, out, err = await run_send(config)
-        assert rc == 3 and "refused: example.test" in out, err
+        assert rc == 3 and "relay refused for example.test: no AUTH mechanism usable" in out, out
         events = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
         assert [(e["level"], e["error"]) for e in events
                 if e["event"] == "odmr_auth_failed"] == [("error", "AuthNotOffered")]
