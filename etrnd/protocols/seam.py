@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -13,6 +14,19 @@ if TYPE_CHECKING:
 
 OnHost = Callable[[str], None]
 OnReply = Callable[[str, Verdict], None]
+
+
+# What the daemon cancels a round with when its link went down. A session that is sending
+# nothing of ours may end at once, but one the provider is using to hand us its queue (ODMR)
+# goes on: TCP resumes if the link returns within the relay's timeout, and a closed socket
+# would answer the provider's retransmission with a reset mid-DATA. Any other cancel (stop,
+# reload) ends every session now, gracefully.
+LINK_DOWN = "link_down"
+
+
+def keeps_session(cancel: asyncio.CancelledError) -> bool:
+    """Whether `cancel` came from a link-down (see LINK_DOWN), not a stop."""
+    return bool(cancel.args) and cancel.args[0] == LINK_DOWN
 
 
 def ignore_host(_: str) -> None:

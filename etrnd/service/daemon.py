@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Collection
@@ -17,7 +16,6 @@ from etrnd import __version__
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.config.schema import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.link import egress
-from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
 from etrnd.loop.stall import Stall, StallDetector
@@ -26,6 +24,8 @@ from etrnd.outputs import status as status_doc
 from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
 from etrnd.protocols import smtp
+from etrnd.protocols.odmr.hangup import STOP_DRAIN
+from etrnd.protocols.seam import LINK_DOWN
 from etrnd.service.control import ControlError, ControlServer
 from etrnd.service.mtagate import Gate
 from etrnd.service.rounds import RelayStatus, run_round
@@ -34,6 +34,10 @@ log = get_logger()
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
+# ... except when a provider is still sending over an ODMR turnaround: that connection is
+# hung up (421, FIN) and drained for up to hangup.STOP_DRAIN, since closing it with data
+# coming would reset the provider mid-DATA (see docs/odmr.md). Below TimeoutStopSec=30s.
+STOP_LIMIT = STOP_DRAIN + STOP_GRACE
 # ... and a supervisor that does not read its notify socket gets this long for STOPPING=1.
 STOP_NOTIFY_DRAIN = 0.2
 # Reading the config (and the secrets it names) at reload runs off the loop; a file system
@@ -142,8 +146,9 @@ class Daemon:
         for task in [*rounds, *self._background]:
             task.cancel()
         if rounds:
-            # Rounds close their sessions (QUIT) on cancel; never wait past the grace period.
-            await asyncio.wait(rounds, timeout=STOP_GRACE)
+            # Rounds close their sessions on cancel (QUIT within STOP_GRACE, an ODMR hang-up
+            # within its drain): wait for them, never past STOP_LIMIT.
+            await asyncio.wait(rounds, timeout=STOP_LIMIT)
         if self._watcher is not None:
             await self._watcher.close()
         if self._control is not None:
@@ -174,41 +179,17 @@ class Daemon:
             raise
 
     def on_decision(self, decision: Decision) -> None:
-        # A down acted on after watch.down_hold began earlier: date it from then.
-        since = time.time() - (decision.at - (decision.since or decision.at))
         if decision.kind == "up":
-            self.link_since = since
+            self.link_since = time.time()
             self._resolve_helo_once()
-            self._warn_not_public(decision.iface)
         elif decision.kind == "down":
-            self.link_since = since
+            self.link_since = time.time()
             self._served_early.clear()
-            self.cancel_rounds("link_down")
+            self.cancel_rounds(LINK_DOWN)
         else:
             served, self._served_early = self._served_early, set()
             self.start_rounds(None, "link_up", skip=served)
         self._publish()
-
-    def wan_not_public(self, iface: str | None = None) -> str | None:
-        """Why the ISP cannot connect back to the up interface (CGNAT, RFC 1918), or None."""
-        watcher = self._watcher
-        iface = iface or (watcher.verdict.iface if watcher is not None else None)
-        if watcher is None or not watcher.up or iface is None:
-            return None
-        return not_public(watcher.addresses(iface, socket.AF_INET),
-                          watcher.addresses(iface, socket.AF_INET6))
-
-    def _warn_not_public(self, iface: str | None) -> None:
-        """Once per link-up: ETRN asks the ISP to connect to us, which it cannot here."""
-        reason = self.wan_not_public(iface)
-        if reason is None:
-            return
-        for relay in self.config.relays:
-            if relay.protocol == "etrn":
-                log.warning("etrn_wan_not_public", relay=relay.label, iface=iface,
-                            reason=reason, hint="the ISP cannot connect to this line to "
-                            "deliver; ODMR (protocol: odmr) collects mail over our own "
-                            "connection")
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -319,7 +300,7 @@ class Daemon:
             if only is not None and label not in only:
                 continue
             log.info("round_cancelled", relay=label, reason=reason)
-            task.cancel()
+            task.cancel(reason)  # LINK_DOWN lets a turnaround go on: see seam.keeps_session
             del self._tasks[label]
             # Still closing its session; a new round for the relay may start right away.
             self._closing.add(task)
@@ -420,9 +401,7 @@ class Daemon:
             link_since=self.link_since, rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys(),
-            round_due=watcher.round_due() if watcher else None,
-            wan_not_public=self.wan_not_public()
-            if any(r.protocol == "etrn" for r in self.config.relays) else None))
+            round_due=watcher.round_due() if watcher else None))
         if self._gate is not None:
             doc["local_mta"] = self._gate.as_dict()
             for relay in doc["relays"]:

@@ -139,7 +139,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
             log.error("odmr_refused", outcome=verdict.outcome, **fields)
         return verdict, False
     log.info("odmr_turnaround", **fields)
-    assert smtp.transport is not None
+    assert isinstance(smtp.transport, asyncio.Transport)
     helo = relay.helo or helo_name()
     local = LocalMta(relay.effective_deliver_to, helo, relay.timeout, log.bind(leg="local"))
     got = await turnaround.receive(smtp.transport, local, hostname=helo,

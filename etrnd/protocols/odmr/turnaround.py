@@ -15,9 +15,10 @@ from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
 from etrnd.outputs.logs import get_logger
+from etrnd.protocols.odmr.hangup import STOP_DRAIN, Line
 from etrnd.protocols.odmr.office import LocalMta, Reply
 from etrnd.protocols.replies import clean_text
-from etrnd.protocols.seam import Messages, message_key, recipient_key
+from etrnd.protocols.seam import Messages, keeps_session, message_key, recipient_key
 from etrnd.protocols.transcript import Transcript, tls_state
 
 # aiosmtpd logs each session to the stdlib; etrnd's own events say what matters, once.
@@ -245,8 +246,10 @@ class Receiver(SMTPServer):
         self._reset_timeout(seconds)
 
     def _timeout_cb(self) -> None:
-        self.timed_out = True
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+        line = self.transport
+        if isinstance(line, Line) and not line.hung_up:
+            self.timed_out = True
+            line.hang_up(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -254,7 +257,7 @@ class Receiver(SMTPServer):
             self.closed.set_result(None)
 
 
-async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname: str,
+async def receive(transport: asyncio.Transport, local: LocalMta, *, hostname: str,
                   idle_timeout: float, log: Any,
                   transcript: Transcript | None = None,
                   live: Messages | None = None) -> Turnaround:
@@ -262,24 +265,29 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
 
     Each message is also counted into `live` (the round's counts) as soon as it is settled.
     The provider may stay silent for `idle_timeout` seconds at most, and keep the connection
-    for MAX_TURNAROUND seconds in all. Only CancelledError
-    escapes; the connection and the office MTA's are closed either way.
+    for MAX_TURNAROUND seconds in all. The connection ends by the provider's QUIT or close,
+    or by our hang-up (hangup.Line: 421, FIN, drain; never a reset). Cancelled because the
+    link went down (seam.keeps_session), the session goes on: a link back within
+    `idle_timeout` lets TCP resume, and the cancel is raised once the session is over. Any
+    other cancel hangs up (the drain bounded by hangup.STOP_DRAIN). Only CancelledError
+    escapes; the office MTA's connection is closed either way.
     """
     result = Turnaround()
     handler = Relaying(local, log, result, live)
     server = Receiver(handler, hostname, idle_timeout, transcript)
-    transport.set_protocol(server)
-    server.connection_made(transport)
+    line = Line(transport, log)
+    line.set_protocol(server)
+    server.connection_made(line)
     try:
         async with asyncio.timeout(MAX_TURNAROUND):
-            await server.closed
+            await _serve(server, line, log, idle_timeout)
     except TimeoutError:
         server.timed_out = True
-        transport.close()
         log.warning("odmr_turnaround_too_long", limit_s=MAX_TURNAROUND)
+        line.hang_up(f"421 4.4.2 {hostname} session too long, try again later")
+        await asyncio.wait({server.closed})  # the drain's own limit bounds it
     except asyncio.CancelledError:
-        # A link-down or stop: the provider keeps what it has not heard 250 for.
-        transport.close()
+        # The provider keeps what it has not heard 250 for.
         local.abort()
         handler.finish()
         raise
@@ -288,3 +296,24 @@ async def receive(transport: asyncio.BaseTransport, local: LocalMta, *, hostname
     if not result.quit:
         result.ended = "timeout" if server.timed_out else "dropped"
     return result
+
+
+async def _serve(server: Receiver, line: Line, log: Any, idle_timeout: float) -> None:
+    """Until the provider's connection is gone, or a cancel that does not keep it."""
+    kept: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await asyncio.shield(server.closed)
+            break
+        except asyncio.CancelledError as exc:
+            if kept is None and keeps_session(exc) and not line.hung_up:
+                kept = exc
+                log.info("odmr_session_kept", reason=str(exc.args[0]),
+                         idle_timeout_s=idle_timeout)
+                continue
+            line.hang_up(f"421 4.3.2 {server.hostname} closing the session, try again later",
+                         STOP_DRAIN)
+            await asyncio.wait({server.closed})  # bounded by STOP_DRAIN
+            raise
+    if kept is not None:
+        raise kept
