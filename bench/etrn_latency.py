@@ -13,9 +13,12 @@ about one event a second: flaps faster than that are never seen by anyone.) Cont
 - dispatcher + etrnd send: what an ip-up / networkd-dispatcher hook does: a netlink watcher
   (`ip monitor link`) that spawns `etrnd send` on each link-up;
 - dispatcher + smtplib: the same watcher spawning the smallest possible one-shot client
-  (`python3 -S -c` with smtplib), a lower bound for any spawn-per-event design.
+  (`python3 -S -c` with smtplib), a lower bound for any spawn-per-event design;
+- floor: bench/floor.py, a bare prototype (pyroute2 link events + one aiosmtplib session,
+  nothing else): etrnd's overhead is measured against it in the same run.
 
-Also: start -> READY=1 time, and idle RSS and wake-ups (context switches) over --idle s.
+Also: start -> READY=1 time (etrnd and the floor), `etrnd send` on its own, and idle RSS and
+wake-ups (context switches) over --idle s.
 Only namespaces this script creates are touched; they are removed at the end.
 """
 
@@ -186,25 +189,33 @@ def report(name: str, values: list[float]) -> str:
             f"p99 {pct(values, 99):8.2f} ms  min {min(values):7.2f}  max {max(values):8.2f}")
 
 
-def ready_time(office: Netns, config: Path, tmp: Path, runs: int) -> list[float]:
-    """Seconds from spawning `etrnd run` to its READY=1 datagram."""
+def ready_time(office: Netns, cmd: list[str], tmp: Path, runs: int) -> list[float]:
+    """Seconds from spawning `cmd` (`etrnd run`, the floor) to its READY=1 datagram."""
     times = []
-    for i in range(runs):
-        path = tmp / f"notify{i}"
+    for _ in range(runs):
+        path = Path(tempfile.mktemp(prefix="notify", dir=tmp))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(path))
         sock.settimeout(10)
         t0 = time.monotonic()
-        proc = subprocess.Popen(office.cmd(sys.executable, "-m", "etrnd", "run", "-c",
-                                           str(config)), env={**os.environ,
-                                                              "NOTIFY_SOCKET": str(path)},
-                                stderr=subprocess.DEVNULL, cwd=ROOT)
+        proc = subprocess.Popen(office.cmd(*cmd), env={**os.environ, "NOTIFY_SOCKET": str(path)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         while b"READY=1" not in sock.recv(4096):
             pass
         times.append(time.monotonic() - t0)
         proc.terminate()
         proc.wait(5)
         sock.close()
+    return times
+
+
+def send_time(office: Netns, config: Path, runs: int) -> list[float]:
+    """Seconds for `etrnd send` (an ip-up dispatcher's call) to finish one accepted round."""
+    times = []
+    for _ in range(runs):
+        t0 = time.monotonic()
+        office.run(sys.executable, "-m", "etrnd", "send", "-c", str(config))
+        times.append(time.monotonic() - t0)
     return times
 
 
@@ -238,6 +249,8 @@ def main() -> int:
         index = ipr.link_lookup(ifname=wan)[0]
         kernel = KernelStamps(index)
         contenders = {
+            "floor (bench/floor.py)": [sys.executable, str(ROOT / "bench" / "floor.py"), wan,
+                                       ISP, str(PORT)],
             "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config)],
             "dispatcher + etrnd send": [
                 sys.executable, "-c", WATCHER, wan, sys.executable, "-m", "etrnd", "send",
@@ -260,10 +273,26 @@ def main() -> int:
                 results[name], from_event = flap(ipr, index, server, args.flaps, kernel)
                 print(report(name, results[name]), flush=True)
                 print(report("  from the kernel's event", from_event), flush=True)
+        floor, etrnd = results["floor (bench/floor.py)"], results["etrnd run"]
+        print(f"etrnd / floor: median {statistics.median(etrnd) / statistics.median(floor):.2f}x"
+              f", p99 {pct(etrnd, 99) / pct(floor, 99):.2f}x", flush=True)
 
-        ready = ready_time(office, config, tmp, 10)
-        print(f"start -> READY=1: median {statistics.median(ready) * 1000:.0f} ms, "
-              f"max {max(ready) * 1000:.0f} ms over {len(ready)} starts", flush=True)
+        starts = {
+            "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config)],
+            "floor": [sys.executable, str(ROOT / "bench" / "floor.py"), wan, ISP, str(PORT)],
+        }
+        ready: dict[str, list[float]] = {name: [] for name in starts}
+        for _ in range(5):  # interleaved, so a busy moment hurts both alike
+            for name, cmd in starts.items():
+                ready[name] += ready_time(office, cmd, tmp, 2)
+        for name, times in ready.items():
+            print(f"start -> READY=1 ({name}): median {statistics.median(times) * 1000:.0f} ms,"
+                  f" max {max(times) * 1000:.0f} ms over {len(times)} starts", flush=True)
+        ratio = statistics.median(ready["etrnd run"]) / statistics.median(ready["floor"])
+        print(f"READY etrnd / floor: {ratio:.2f}x", flush=True)
+        sends = send_time(office, config, 10)
+        print(f"etrnd send (link up, one ETRN): median {statistics.median(sends) * 1000:.0f} ms,"
+              f" max {max(sends) * 1000:.0f} ms over {len(sends)} runs", flush=True)
 
         if args.idle > 0:
             proc = office.popen(sys.executable, "-m", "etrnd", "run", "-c", str(config),
