@@ -122,8 +122,7 @@ class Router:
 
     async def via(self, dst: str, src: str | None = None) -> str | None:
         """The interface the kernel would send a packet to `dst` (from `src`) through."""
-        from pyroute2 import AsyncIPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
+        from etrnd.link.rtnl import AsyncIPRoute, NetlinkError
 
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:

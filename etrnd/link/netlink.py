@@ -12,11 +12,9 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from etrnd.link import nexthops
 from etrnd.link.nexthops import RTM_DELNEXTHOP, RTM_NEWNEXTHOP, RTMGRP_NEXTHOP, to_nexthop
+from etrnd.link.rtnl import AsyncIPRoute, NetlinkError
 from etrnd.link.state import (
     IFF_UP,
     AddrEvent,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from pyroute2.netlink import nlmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
-
+from etrnd.link.rtnl import NetlinkError, nlmsg, rtmsg
 from etrnd.link.state import NexthopEvent
 
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
@@ -81,7 +79,6 @@ def to_nexthop(msg: Any, deleted: bool) -> NexthopEvent:
 
 async def dump(ipr: Any) -> tuple[NexthopEvent, ...]:
     """Every nexthop object; () where the kernel has none (older than 5.3, or refused)."""
-    from pyroute2.netlink.exceptions import NetlinkError
 
     try:
         reply = await ipr.nlm_request(nhmsg(), RTM_GETNEXTHOP)
