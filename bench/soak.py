@@ -114,7 +114,7 @@ def soak(cycles: int, max_seconds: float, seed: int, workdir: Path,
         assert adversary.stdout.readline().startswith(b"ready")
         config.write_text(
             f"watch: {{interfaces: [{office_if}], up_when: carrier, settle: 0s, "
-            "min_interval: 0s}\n"
+            "min_interval: 0s, down_hold: 0s}\n"
             f"relays:\n  - {{name: isp, host: {ISP_ADDR}, tls: none, helo: office.test,"
             " timeout: 1s, etrn: ['@example.test', '#q']}\n"
             "retry: {first_delay: 50ms, max_delay: 200ms, give_up_after: 0}\n"

@@ -201,6 +201,7 @@ def main() -> int:
         extra = ["--debug-no-filter"] if args.no_filter else []
         watcher = ns.popen(sys.executable, "-m", "etrnd.link.watcher", "--interfaces", wan,
                            "--family", "ipv4", "--settle", "0", "--min-interval", "0",
+                           "--down-hold", "0",
                            *extra, cwd=REPO, stdout=subprocess.PIPE)
         out = Lines(watcher)
         out.wait("event=ready", 30)

@@ -94,6 +94,15 @@ class Watch(_Model):
     min_interval: Duration = Field(default=30.0, description=(
         "Never start two link-up rounds closer together than this: a later link-up's round "
         "waits until then."))
+    # 5 s: longer than the gaps real clients leave while the line stays up (dhcpcd and
+    # udhcpc change a gateway by delete+add 157 µs apart; dhcpcd deletes the IPv6 default
+    # for ~3.1 s on each RA, its issue 244), and no longer than retry.first_delay's default,
+    # so a real outage cancels the round's retries before more than one more try is wasted.
+    down_hold: Duration = Field(default=5.0, description=(
+        "A down undone within this time is a blip, not a down: nothing is cancelled and no "
+        "new round starts (logged at debug as link_blip). A longer down is acted on when the "
+        "hold ends, dated from when it began. 0 acts on every down at once. An IPv6 default "
+        "route whose router lifetime runs out is a down at once, without this hold."))
 
 
 class Auth(_Model):

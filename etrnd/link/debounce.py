@@ -1,6 +1,9 @@
-"""Pure debounce with an injected clock: settle after link-up, min_interval between rounds."""
+"""Pure debounce with an injected clock: down-hold, settle after link-up, min_interval."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 
 class Debouncer:
@@ -67,3 +70,71 @@ class Debouncer:
         self._last_round = now
         self._up_since = None
         return True
+
+
+@dataclass(frozen=True)
+class Change:
+    """What the held link state did: `up`, `down` (decided), or `blip` (a down undone).
+
+    `since` is when the kernel's state really changed (clock time): for a `down` decided
+    after the hold, the start of the outage; `held` is how long the down was held (s).
+    """
+
+    kind: Literal["up", "down", "blip"]
+    since: float
+    held: float = 0.0
+
+
+class DownHold:
+    """A down undone within `hold` seconds is a blip, not a down (ifplugd's down delay).
+
+    Feed it every raw verdict (`observe`); ask `deadline()` when a held down must be
+    decided and call `expire(now)` then. An up is decided at once: holding costs no
+    up-detection latency. `observe(False, now, at_once=True)` decides a down without the
+    hold (an expired RA route: its lifetime was the hold).
+    """
+
+    def __init__(self, hold: float, up: bool = False) -> None:
+        self.hold = hold
+        self.up = up  # the decided state
+        self._down_since: float | None = None  # a down being held
+
+    @property
+    def holding(self) -> float | None:
+        """When the held down began (clock time), or None."""
+        return self._down_since
+
+    def reset(self, up: bool) -> None:
+        """Take `up` as decided, with nothing held (the state at start)."""
+        self.up = up
+        self._down_since = None
+
+    def observe(self, up: bool, now: float, *, at_once: bool = False) -> Change | None:
+        """The raw state now; returns the decided change, if any."""
+        if up:
+            if self.up:
+                since, self._down_since = self._down_since, None
+                return None if since is None else Change("blip", since, now - since)
+            self.up = True
+            return Change("up", now)
+        if not self.up:
+            return None
+        since = self._down_since if self._down_since is not None else now
+        if at_once or self.hold <= 0:
+            self.up, self._down_since = False, None
+            return Change("down", since, now - since)
+        self._down_since = since
+        return None
+
+    def deadline(self) -> float | None:
+        """When the held down becomes a down (clock time), or None if nothing is held."""
+        return None if self._down_since is None else self._down_since + self.hold
+
+    def expire(self, now: float) -> Change | None:
+        """At or after the deadline: the held down is a down, dated from its start."""
+        due = self.deadline()
+        if due is None or now < due or self._down_since is None:
+            return None
+        since, self._down_since = self._down_since, None
+        self.up = False
+        return Change("down", since, now - since)

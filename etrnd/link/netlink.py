@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -49,9 +51,10 @@ REQUEST_TIMEOUT = 5.0
 # RTM_F_FIB_MATCH and an oif the kernel answers with the default route through that oif.
 _PROBE: dict[int, str] = {socket.AF_INET: "0.0.0.1", socket.AF_INET6: "::"}
 
+# rta_expires counts USER_HZ clock ticks (linux/rtnetlink.h: jiffies_to_clock_t).
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
 _rcvbuf_warned = False
-
-
 
 
 def bpf_program(portid: int, little_endian: bool = sys.byteorder == "little",
@@ -133,8 +136,12 @@ def to_addr(msg: Any) -> AddrEvent:
                      scope=int(msg["scope"]), deleted=mtype == RTM_DELADDR)
 
 
-def to_route(msg: Any) -> RouteEvent | None:
-    """A RouteEvent for a unicast default route, else None."""
+def to_route(msg: Any, now: float | None = None) -> RouteEvent | None:
+    """A RouteEvent for a unicast default route, else None.
+
+    `now` (clock time of the message) turns a lifetime (RTA_CACHEINFO rta_expires, ticks
+    left; negative once run out) into RouteEvent.expires; 0 means the route never expires.
+    """
     mtype, flags = _header(msg)
     if msg["dst_len"] != 0 or msg["type"] != RTN_UNICAST:
         return None
@@ -151,15 +158,19 @@ def to_route(msg: Any) -> RouteEvent | None:
         gateways += (str(hop_gw) if hop_gw else None,)
         gateway = gateway or hop_gw
     nhid = msg.get("RTA_NH_ID")
+    ticks = int((msg.get("RTA_CACHEINFO") or {}).get("rta_expires") or 0)
+    expires = None if not ticks or now is None else now + ticks / _CLK_TCK
     return RouteEvent(family=int(msg["family"]), oifs=oifs,
                       gateway=str(gateway) if gateway else None, table=table,
                       priority=int(msg.get("RTA_PRIORITY") or 0),
                       deleted=mtype == RTM_DELROUTE, gateways=gateways,
                       nhid=int(nhid) if nhid else None,
-                      replace=mtype == RTM_NEWROUTE and bool(flags & NLM_F_REPLACE))
+                      replace=mtype == RTM_NEWROUTE and bool(flags & NLM_F_REPLACE),
+                      expires=expires)
 
 
-def decode(msg: Any) -> LinkEvent | AddrEvent | RouteEvent | NexthopEvent | None:
+def decode(msg: Any, now: float | None = None,
+           ) -> LinkEvent | AddrEvent | RouteEvent | NexthopEvent | None:
     mtype, _ = _header(msg)
     if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
         return to_nexthop(msg, mtype == RTM_DELNEXTHOP)
@@ -168,8 +179,50 @@ def decode(msg: Any) -> LinkEvent | AddrEvent | RouteEvent | NexthopEvent | None
     if mtype in (RTM_NEWADDR, RTM_DELADDR):
         return to_addr(msg)
     if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-        return to_route(msg)
+        return to_route(msg, now)
     return None
+
+
+async def query_default_routes(ipr: Any, index: int, family: int,
+                               now: Callable[[], float]) -> tuple[RouteEvent, ...]:
+    """Ask the kernel for the default route through one interface: no table dump.
+
+    ENETUNREACH and friends mean there is none; an RA route whose lifetime ran out is
+    already not found, although `ip route` lists it until the kernel's next GC.
+    """
+    try:
+        msgs = await ipr.route("get", dst=_PROBE[family], oif=index,
+                               flags=RTM_F_FIB_MATCH, family=family)
+    except NetlinkError:
+        return ()
+    found = (to_route(m, now()) for m in msgs)
+    return tuple(r for r in found if r is not None and r.deleted is False)
+
+
+class RouteReader:
+    """A second, unsubscribed socket for re-reading routes at a clock's say-so (an RA
+    route's expiry): the event socket's reader owns its socket. Opened on first use."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ipr: Any = None
+
+    async def default_routes(self, index: int, family: int) -> tuple[RouteEvent, ...]:
+        """As query_default_routes; raises OSError/TimeoutError if the kernel cannot say."""
+        if self._ipr is None:
+            self._ipr = AsyncIPRoute()
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await query_default_routes(self._ipr, index, family, self._clock)
+        except BaseException:
+            self.close()  # a socket that failed once keeps failing (ENOBUFS, EBUSY)
+            raise
+
+    def close(self) -> None:
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            with contextlib.suppress(OSError):
+                ipr.close()
 
 
 class NetlinkSource:
@@ -177,8 +230,10 @@ class NetlinkSource:
 
     def __init__(self, *, route_iface: Callable[[str], bool] = lambda _: True,
                  rcvbuf: int = DEFAULT_RCVBUF, bpf: bool = True,
-                 debug_rcvbuf: int | None = None) -> None:
+                 debug_rcvbuf: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._route_iface = route_iface
+        self._clock = clock
         self._rcvbuf = rcvbuf
         self._bpf = bpf
         self._debug_rcvbuf = debug_rcvbuf
@@ -222,13 +277,7 @@ class NetlinkSource:
 
     async def default_routes(self, index: int, family: int) -> tuple[RouteEvent, ...]:
         """Ask the kernel for the default route through one interface: no table dump."""
-        try:
-            msgs = await self._ipr.route("get", dst=_PROBE[family], oif=index,
-                                         flags=RTM_F_FIB_MATCH, family=family)
-        except NetlinkError:
-            return ()  # ENETUNREACH and friends: no such route
-        found = (to_route(m) for m in msgs)
-        return tuple(r for r in found if r is not None and r.deleted is False)
+        return await query_default_routes(self._ipr, index, family, self._clock)
 
     async def _snapshot(self, reason: str) -> Snapshot:
         # Nexthops first: the routes read next may refer to them by id only.
@@ -284,7 +333,7 @@ class NetlinkSource:
             batch = [m async for m in self._ipr.get()]
             for msg in batch:
                 self.messages += 1
-                event = decode(msg)
+                event = decode(msg, self._clock())
                 if event is None:
                     continue
                 if isinstance(event, LinkEvent):

@@ -25,7 +25,16 @@ IFA_F_DADFAILED = 0x08
 IFA_F_DEPRECATED = 0x20
 IFA_F_TENTATIVE = 0x40
 RT_SCOPE_UNIVERSE = 0
-_UNUSABLE = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
+# Deprecated is still usable: the kernel keeps it (and routes from it) until its valid
+# lifetime ends, then removes it with RTM_DELADDR. dhcpcd deprecates its lease at rebind.
+_UNUSABLE = IFA_F_DADFAILED | IFA_F_TENTATIVE
+# IPv4 ranges an ISP cannot connect back to: RFC 1918 private, RFC 6598 shared (CGNAT).
+NOT_PUBLIC_V4 = (
+    (ipaddress.ip_network("100.64.0.0/10"), "shared (CGNAT, RFC 6598)"),
+    (ipaddress.ip_network("10.0.0.0/8"), "private (RFC 1918)"),
+    (ipaddress.ip_network("172.16.0.0/12"), "private (RFC 1918)"),
+    (ipaddress.ip_network("192.168.0.0/16"), "private (RFC 1918)"),
+)
 _FAMILIES = {"ipv4": (socket.AF_INET,), "ipv6": (socket.AF_INET6,),
              "any": (socket.AF_INET, socket.AF_INET6)}
 
@@ -71,6 +80,8 @@ class RouteEvent:
     gateways: tuple[str | None, ...] = ()
     nhid: int | None = None
     replace: bool = False
+    # RTA_CACHEINFO rta_expires as a clock time (an RA route's router lifetime); None: never.
+    expires: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,7 @@ class _Link:
 
 
 def usable_address(addr: AddrEvent) -> bool:
-    """Global scope, not link-local, DAD finished and passed, not deprecated."""
+    """Global scope, not link-local, DAD finished and passed; deprecated still counts."""
     if addr.scope != RT_SCOPE_UNIVERSE or addr.flags & _UNUSABLE:
         return False
     try:
@@ -135,6 +146,29 @@ def usable_address(addr: AddrEvent) -> bool:
 
 def _fam(family: int) -> str:
     return "ipv4" if family == socket.AF_INET else "ipv6"
+
+
+def _shown(addr: AddrEvent) -> str:
+    note = " (deprecated)" if addr.flags & IFA_F_DEPRECATED else ""
+    return f"{addr.address}/{addr.prefixlen}{note}"
+
+
+def not_public(v4: Iterable[str], v6: Iterable[str]) -> str | None:
+    """Why a WAN with these usable addresses cannot be reached from the Internet, or None.
+
+    Only when every IPv4 address is shared (100.64.0.0/10) or private (RFC 1918) and there
+    is no global IPv6 address: the ISP cannot open the SMTP connection that ETRN asks for.
+    """
+    if any(ipaddress.ip_address(a).is_global for a in v6):
+        return None
+    kinds = []
+    for address in v4:
+        ip = ipaddress.ip_address(address)
+        kind = next((k for net, k in NOT_PUBLIC_V4 if ip in net), None)
+        if kind is None:
+            return None
+        kinds.append(f"{address} is {kind}")
+    return "; ".join(kinds) or None
 
 
 class LinkState:
@@ -149,6 +183,7 @@ class LinkState:
         self._addrs: dict[tuple[int, int, str, int], AddrEvent] = {}
         self._routes: set[RouteEvent] = set()
         self._nexthops: dict[int, NexthopEvent] = {}
+        self._expires: dict[RouteEvent, float] = {}  # routes that carry a lifetime
 
     def matches(self, name: str, flags: int = 0) -> bool:
         if not self.patterns:
@@ -160,6 +195,7 @@ class LinkState:
             self._links.clear()
             self._addrs.clear()
             self._routes.clear()
+            self._expires.clear()
             self._nexthops = {nh.id: nh for nh in event.nexthops if not nh.deleted}
             for link in event.links:
                 self._link(link)
@@ -176,9 +212,11 @@ class LinkState:
         elif isinstance(event, NexthopEvent):
             self._nexthop(event)
         elif isinstance(event, DefaultRoutes):
-            self._routes = {r for r in self._routes
-                            if not (r.family == event.family
-                                    and any(oif == event.index for oif, _ in self.hops(r)))}
+            stale = {r for r in self._routes if r.family == event.family
+                     and any(oif == event.index for oif, _ in self.hops(r))}
+            self._routes -= stale
+            for r in stale:
+                self._expires.pop(r, None)
             for route in event.routes:
                 self._route(route)
 
@@ -230,6 +268,10 @@ class LinkState:
     def _route(self, ev: RouteEvent) -> None:
         live = RouteEvent(ev.family, ev.oifs, ev.gateway, ev.table, ev.priority,
                           gateways=ev.gateways, nhid=ev.nhid)
+        if ev.expires is not None and not ev.deleted:
+            self._expires[live] = ev.expires
+        else:
+            self._expires.pop(live, None)
         same_slot = {r for r in self._routes if (r.family, r.table, r.priority)
                      == (ev.family, ev.table, ev.priority)}
         if ev.deleted:
@@ -273,8 +315,11 @@ class LinkState:
         families = _FAMILIES[self.family]
         missing = []
         for family in families:
-            addrs = sorted(f"{a.address}/{a.prefixlen}" for a in self._addrs.values()
-                           if a.index == index and a.family == family and usable_address(a))
+            # Preferred addresses first: a deprecated one is named only when it is all.
+            addrs = [_shown(a) for a in sorted(
+                (a for a in self._addrs.values()
+                 if a.index == index and a.family == family and usable_address(a)),
+                key=lambda a: (bool(a.flags & IFA_F_DEPRECATED), a.address, a.prefixlen))]
             if not addrs:
                 missing.append(f"no global {_fam(family)} address")
                 continue
@@ -307,7 +352,37 @@ class LinkState:
         return Verdict(False, "; ".join(reasons))
 
     def addresses(self, name: str, family: int) -> list[str]:
-        """Usable global addresses of one interface (by name), for a source address."""
-        return sorted(a.address for a in self._addrs.values()
-                      if a.family == family and usable_address(a)
-                      and self._links.get(a.index, _Link("", 0)).name == name)
+        """Usable global addresses of one interface (by name), preferred ones first."""
+        return [a.address for a in sorted(
+            (a for a in self._addrs.values() if a.family == family and usable_address(a)
+             and self._links.get(a.index, _Link("", 0)).name == name),
+            key=lambda a: (bool(a.flags & IFA_F_DEPRECATED), a.address))]
+
+    # --- route lifetimes (RA default routes): the kernel says nothing when one runs out ----
+    def _watched(self, index: int) -> bool:
+        link = self._links.get(index)
+        return link is not None and self.matches(link.name, link.flags)
+
+    def next_expiry(self) -> tuple[float, int, int] | None:
+        """(clock time, interface index, family) of the first watched route to expire."""
+        due = [(at, oif, r.family) for r, at in self._expires.items() if r in self._routes
+               for oif, _ in self.hops(r) if self._watched(oif)]
+        return min(due) if due else None
+
+    def expired(self, now: float) -> set[tuple[int, int]]:
+        """(index, family) of the watched interfaces with a route whose lifetime ran out."""
+        return {(oif, r.family) for r, at in self._expires.items()
+                if at <= now and r in self._routes for oif, _ in self.hops(r)
+                if self._watched(oif)}
+
+    def drop_expired(self, now: float) -> None:
+        """Forget routes whose lifetime ran out: the kernel no longer routes by them (a
+        lookup answers ENETUNREACH) although it deletes them only at its next GC."""
+        gone = {r for r, at in self._expires.items() if at <= now}
+        self._routes -= gone
+        for r in gone:
+            del self._expires[r]
+
+    def has_route(self, index: int, family: int) -> bool:
+        return any(r.family == family and oif == index
+                   for r in self._routes for oif, _ in self.hops(r))

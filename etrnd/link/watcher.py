@@ -15,17 +15,26 @@ from types import TracebackType
 from typing import Literal
 
 from pydantic import ValidationError
+from pyroute2.netlink.exceptions import NetlinkError
 
 from etrnd.config.schema import ConfigError, Watch, load_config
 from etrnd.config.values import parse_duration
-from etrnd.link.debounce import Debouncer
-from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource
-from etrnd.link.state import LinkState, Snapshot, Verdict
+from etrnd.link.debounce import Change, Debouncer, DownHold
+from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
+from etrnd.link.state import DefaultRoutes, LinkState, RouteEvent, Snapshot, Verdict
 from etrnd.outputs.logs import configure, get_logger, iso
 
 log = get_logger()
 
 DecisionKind = Literal["up", "down", "round"]
+# An RA route is re-read this long after its lifetime ends by our clock: rta_expires is in
+# 10 ms ticks and the kernel's own check is "after", so at the instant it may still route.
+EXPIRY_SLACK = 0.05
+# A route that ran out is polled this often, for at most this long, until the kernel's GC
+# deletes it (measured 10.7-13.9 s later; gc_interval is 30 s): an RA in between revives it
+# without a message.
+REVIVE_POLL = 1.0
+REVIVE_FOR = 60.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class Decision:
     iface: str | None
     at: float  # time.monotonic() when decided
     initial: bool = False
+    since: float | None = None  # when the change really happened (a held down: its start)
 
 
 class LinkWatcher:
@@ -45,6 +55,8 @@ class LinkWatcher:
 
     Entering returns once the initial state is read (subscribe, then dump), so the first
     decision is the state at start: an `up` there is followed by a `round` like any other.
+    A down undone within watch.down_hold is a blip (no decision); an RA default route is
+    re-read when its lifetime runs out, since the kernel says nothing then.
     """
 
     def __init__(self, watch: Watch, *, clock: Callable[[], float] = time.monotonic,
@@ -55,9 +67,12 @@ class LinkWatcher:
         self._on_verdict = on_verdict  # called whenever the "why" changes (STATUS= lines)
         self._state = LinkState(watch.interfaces, watch.up_when, watch.family)
         self._debounce = Debouncer(watch.settle, watch.min_interval)
+        self._hold = DownHold(watch.down_hold)
         self._source = NetlinkSource(route_iface=self._state.matches, bpf=bpf, rcvbuf=rcvbuf,
-                                     debug_rcvbuf=debug_rcvbuf)
-        self._verdict = Verdict(False, "not started")
+                                     debug_rcvbuf=debug_rcvbuf, clock=clock)
+        self._reader = RouteReader(clock)  # re-reads routes whose lifetime ran out
+        self._verdict = Verdict(False, "not started")  # the kernel's state, as last read
+        self._held_why = ""  # why the link looked down when a held down began
         # A down verdict has no interface of its own: link_down names the one that was up,
         # or (down from the start) the watched names, so every link event says which.
         self._up_iface: str | None = None
@@ -65,21 +80,35 @@ class LinkWatcher:
         self._queue: asyncio.Queue[Decision | BaseException] = asyncio.Queue()
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # settle / min_interval
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: tuple[float, asyncio.TimerHandle] | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
+        # (index, family) whose RA route ran out: the kernel keeps it until its GC and a
+        # late RA revives it without a message, so it is polled until it is deleted.
+        self._revive: dict[tuple[int, int], float] = {}
         self.last_event: float | None = None
 
     # --- public state -------------------------------------------------------------------
     @property
     def up(self) -> bool:
-        return self._verdict.up
+        """The decided state: a down still held (watch.down_hold) is up."""
+        return self._hold.up
 
     @property
     def why(self) -> str:
-        return self._verdict.why
+        return self.verdict.why
 
     @property
     def verdict(self) -> Verdict:
-        return self._verdict
+        """The decided state and why; while a down is held, up through the interface that
+        was up, and the why says what is missing and for how long."""
+        since = self._hold.holding
+        if since is None:
+            return self._verdict
+        return Verdict(True, f"{self._verdict.why} (for {self._clock() - since:.1f} s; "
+                             f"held: a down shorter than {self._hold.hold:g} s is a blip)",
+                       self._up_iface)
 
     def addresses(self, name: str, family: int) -> list[str]:
         """Usable global addresses of an interface (for a session's source address)."""
@@ -119,6 +148,7 @@ class LinkWatcher:
         self._state.family = watch.family
         self._debounce.settle = watch.settle
         self._debounce.min_interval = watch.min_interval
+        self._hold.hold = watch.down_hold
         self._evaluate()
         self._schedule()
 
@@ -133,13 +163,17 @@ class LinkWatcher:
             raise RuntimeError("link watcher stopped before reading the link state")
 
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for timer in (self._timer, self._hold_timer,
+                      self._expiry_timer[1] if self._expiry_timer else None):
+            if timer is not None:
+                timer.cancel()
+        for task in (self._task, self._expiry_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._source.close()
+        self._reader.close()
 
     async def __aenter__(self) -> LinkWatcher:
         await self.start()
@@ -163,11 +197,17 @@ class LinkWatcher:
             async for event in self._source.events():
                 self.last_event = self._clock()
                 self._state.apply(event)
+                if isinstance(event, RouteEvent):
+                    # The kernel spoke of this route: no need to poll for a silent revival.
+                    for oif in event.oifs:
+                        self._revive.pop((oif, event.family), None)
                 if isinstance(event, Snapshot) and event.reason != "start":
                     log.info("netlink_resynced", reason=event.reason, up=self._state.verdict().up)
                 if self._ready is not None and not self._ready.done():
                     self._verdict = self._state.verdict()
+                    self._hold.reset(self._verdict.up)
                     self._emit("up" if self._verdict.up else "down", initial=True)
+                    self._arm_expiry()
                     self._ready.set_result(None)
                 else:
                     self._evaluate()
@@ -178,27 +218,57 @@ class LinkWatcher:
             self._queue.put_nowait(exc)
             raise
 
-    def _evaluate(self) -> None:
+    def _evaluate(self, *, at_once: bool = False) -> None:
         verdict = self._state.verdict()
-        changed = verdict.up != self._verdict.up
         if verdict != self._verdict and self._on_verdict is not None:
             self._on_verdict(verdict)
+        if self._hold.up and self._hold.holding is None and not verdict.up:
+            self._held_why = verdict.why
         self._verdict = verdict
-        if changed:
-            self._emit("up" if verdict.up else "down")
+        self._decide(self._hold.observe(verdict.up, self._clock(), at_once=at_once))
+        self._arm_expiry()
 
-    def _emit(self, kind: DecisionKind, initial: bool = False) -> None:
+    def _decide(self, change: Change | None) -> None:
+        if change is not None and change.kind == "blip":
+            log.debug("link_blip", iface=self._up_iface or self._watched,
+                      duration_ms=round(change.held * 1000, 3), why=self._held_why)
+            self._schedule()  # the settle round held back during the hold, if one is owed
+        elif change is not None:
+            self._emit("up" if change.kind == "up" else "down", since=change.since,
+                       held=change.held)
+        self._arm_hold()
+
+    def _emit(self, kind: DecisionKind, initial: bool = False, since: float | None = None,
+              held: float = 0.0) -> None:
         now = self._clock()
         v = self._verdict
         if v.up:
             self._up_iface = v.iface
         iface = v.iface if v.up else (self._up_iface or self._watched)
         if kind != "round":
+            extra: dict[str, object] = {}
+            if held > 0:  # acted on after the hold: say when it really began
+                extra = {"since": iso(time.time() - (now - (since or now))),
+                         "held_ms": round(held * 1000)}
             log.info("link_up" if kind == "up" else "link_down", iface=iface, why=v.why,
-                     initial=initial)
+                     initial=initial, **extra)
             self._debounce.link(kind == "up", now)
             self._schedule()
-        self._queue.put_nowait(Decision(kind, v.why, iface, now, initial))
+        self._queue.put_nowait(Decision(kind, v.why, iface, now, initial,
+                                        since if since is not None else now))
+
+    def _arm_hold(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        due = self._hold.deadline()
+        if due is not None:
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                max(0.0, due - self._clock()), self._hold_ends)
+
+    def _hold_ends(self) -> None:
+        self._hold_timer = None
+        self._decide(self._hold.expire(self._clock()))
 
     def _schedule(self) -> None:
         if self._timer is not None:
@@ -211,10 +281,60 @@ class LinkWatcher:
 
     def _fire(self) -> None:
         self._timer = None
+        if self._hold.holding is not None:
+            return  # decided when the hold ends: a blip schedules it again, a down cancels
         if self._debounce.take_round(self._clock()):
             self._emit("round")
         else:
             self._schedule()
+
+    # --- route lifetimes --------------------------------------------------------------------
+    def _arm_expiry(self) -> None:
+        """One timer for the next route lifetime to run out (or the next revival poll);
+        none at all when no watched route expires, so an idle DHCPv4 link never wakes."""
+        nxt = self._state.next_expiry()
+        due = [nxt[0] + EXPIRY_SLACK] if nxt is not None else []
+        if self._revive:
+            due.append(self._clock() + REVIVE_POLL)
+        at = min(due) if due else None
+        if self._expiry_timer is not None:
+            if self._expiry_timer[0] == at:
+                return
+            self._expiry_timer[1].cancel()
+            self._expiry_timer = None
+        if at is None or (self._expiry_task is not None and not self._expiry_task.done()):
+            return  # the running re-read arms the next one
+        handle = asyncio.get_running_loop().call_later(max(0.0, at - self._clock()),
+                                                       self._expiry_due)
+        self._expiry_timer = (at, handle)
+
+    def _expiry_due(self) -> None:
+        self._expiry_timer = None
+        self._expiry_task = asyncio.create_task(self._reread(), name="etrnd-route-expiry")
+
+    async def _reread(self) -> None:
+        """Ask the kernel again for the routes whose lifetime is up: a later RA may have
+        moved it (no message either), else the route is gone and the link down at once."""
+        now = self._clock()
+        keys = self._state.expired(now) | self._revive.keys()
+        for index, family in sorted(keys):
+            try:
+                routes = await self._reader.default_routes(index, family)
+            except (OSError, NetlinkError, TimeoutError) as exc:
+                log.warning("route_reread_failed", index=index, family=family,
+                            error=str(exc) or type(exc).__name__)
+                continue  # judged by its lifetime alone below
+            self._state.apply(DefaultRoutes(index, family, routes))
+        now = self._clock()
+        self._state.drop_expired(now)
+        for key in keys:
+            if self._state.has_route(*key):
+                self._revive.pop(key, None)
+            else:
+                self._revive.setdefault(key, now + REVIVE_FOR)
+        self._revive = {k: until for k, until in self._revive.items() if until > now}
+        self._expiry_task = None
+        self._evaluate(at_once=True)  # the lifetime was the hold
 
 
 # --- debug entry point: python -m etrnd.link.watcher ---------------------------------------------
@@ -237,6 +357,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--family", choices=["ipv4", "ipv6", "any"])
     p.add_argument("--settle", type=parse_duration)
     p.add_argument("--min-interval", type=parse_duration)
+    p.add_argument("--down-hold", type=parse_duration)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print every change of the reason, not only up/down")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -251,7 +372,8 @@ def _watch_from(args: argparse.Namespace) -> Watch:
     overrides = {k: v for k, v in {
         "interfaces": tuple(args.interfaces) if args.interfaces is not None else None,
         "up_when": args.up_when, "family": args.family,
-        "settle": args.settle, "min_interval": args.min_interval}.items() if v is not None}
+        "settle": args.settle, "min_interval": args.min_interval,
+        "down_hold": args.down_hold}.items() if v is not None}
     return Watch.model_validate({**base.model_dump(), **overrides})
 
 

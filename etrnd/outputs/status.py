@@ -36,6 +36,8 @@ class DaemonView:
     running: Collection[str]  # relays with a round task
     # The link-up round still owed: (seconds from now, "settle" | "min_interval").
     round_due: tuple[float, str] | None = None
+    # Why the ISP cannot connect back to the up WAN (ETRN relays only), or None.
+    wan_not_public: str | None = None
 
 
 def build(view: DaemonView) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def build(view: DaemonView) -> dict[str, Any]:
         "config": str(view.path),
         "link": {"up": view.link_up, "why": view.link_why, "since": _iso(view.link_since),
                  "watching": list(config.watch.interfaces) or ["*"],
-                 "up_when": config.watch.up_when},
+                 "up_when": config.watch.up_when, "not_public": view.wan_not_public},
         "rounds_started": view.rounds_started, "last_round": _iso(view.last_round),
         "round_due": None if view.round_due is None else {
             "in_s": round(view.round_due[0], 1), "reason": view.round_due[1]},
@@ -104,6 +106,9 @@ def render(status: dict[str, Any]) -> str:
         f"rounds started: {status.get('rounds_started', 0)}, "
         f"last {status.get('last_round') or '-'}",
     ]
+    if link.get("not_public"):
+        lines.append(f"  WAN not reachable from the ISP: {link['not_public']} "
+                     "(ETRN cannot work here; see protocol: odmr)")
     due = status.get("round_due")
     if due:
         lines.append(f"round due in {due.get('in_s', 0):.1f} s ({due.get('reason', '?')})")

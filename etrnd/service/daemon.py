@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Collection
@@ -16,6 +17,7 @@ from etrnd import __version__
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.config.schema import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.link import egress
+from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
 from etrnd.loop.stall import Stall, StallDetector
@@ -179,17 +181,41 @@ class Daemon:
             raise
 
     def on_decision(self, decision: Decision) -> None:
+        # A down acted on after watch.down_hold began earlier: date it from then.
+        since = time.time() - (decision.at - (decision.since or decision.at))
         if decision.kind == "up":
-            self.link_since = time.time()
+            self.link_since = since
             self._resolve_helo_once()
+            self._warn_not_public(decision.iface)
         elif decision.kind == "down":
-            self.link_since = time.time()
+            self.link_since = since
             self._served_early.clear()
             self.cancel_rounds(LINK_DOWN)
         else:
             served, self._served_early = self._served_early, set()
             self.start_rounds(None, "link_up", skip=served)
         self._publish()
+
+    def wan_not_public(self, iface: str | None = None) -> str | None:
+        """Why the ISP cannot connect back to the up interface (CGNAT, RFC 1918), or None."""
+        watcher = self._watcher
+        iface = iface or (watcher.verdict.iface if watcher is not None else None)
+        if watcher is None or not watcher.up or iface is None:
+            return None
+        return not_public(watcher.addresses(iface, socket.AF_INET),
+                          watcher.addresses(iface, socket.AF_INET6))
+
+    def _warn_not_public(self, iface: str | None) -> None:
+        """Once per link-up: ETRN asks the ISP to connect to us, which it cannot here."""
+        reason = self.wan_not_public(iface)
+        if reason is None:
+            return
+        for relay in self.config.relays:
+            if relay.protocol == "etrn":
+                log.warning("etrn_wan_not_public", relay=relay.label, iface=iface,
+                            reason=reason, hint="the ISP cannot connect to this line to "
+                            "deliver; ODMR (protocol: odmr) collects mail over our own "
+                            "connection")
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -401,7 +427,9 @@ class Daemon:
             link_since=self.link_since, rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys(),
-            round_due=watcher.round_due() if watcher else None))
+            round_due=watcher.round_due() if watcher else None,
+            wan_not_public=self.wan_not_public()
+            if any(r.protocol == "etrn" for r in self.config.relays) else None))
         if self._gate is not None:
             doc["local_mta"] = self._gate.as_dict()
             for relay in doc["relays"]:

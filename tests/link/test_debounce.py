@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from etrnd.link.debounce import Debouncer
+from etrnd.link.debounce import Change, Debouncer, DownHold
 
 
 def test_nothing_owed_without_up() -> None:
@@ -120,3 +120,53 @@ def test_trigger_takes_the_owed_round_early() -> None:
     d.link(False, 11.0)
     d.link(True, 13.0)  # min_interval runs from the trigger's round
     assert d.owed() == (40.5, "min_interval")
+
+
+# --- down_hold (issue 18): a down undone within the hold is a blip -------------------------
+def test_down_undone_within_hold_is_a_blip() -> None:
+    h = DownHold(5.0, up=True)
+    assert h.observe(False, 10.0) is None  # held, nothing decided
+    assert h.up and h.holding == 10.0 and h.deadline() == 15.0
+    change = h.observe(True, 10.000157)  # dhcpcd's delete+add, 157 µs apart
+    assert change is not None and change.kind == "blip"
+    assert round(change.held, 6) == 0.000157
+    assert h.up and h.holding is None and h.deadline() is None
+
+
+def test_down_past_hold_is_dated_from_its_start() -> None:
+    h = DownHold(5.0, up=True)
+    h.observe(False, 10.0)
+    assert h.observe(False, 12.0) is None  # still down: the start stays 10.0
+    assert h.expire(14.9) is None
+    change = h.expire(15.0)
+    assert change == Change("down", 10.0, 5.0) and not h.up
+
+
+def test_up_is_decided_at_once_and_zero_hold_acts_at_once() -> None:
+    h = DownHold(5.0, up=False)
+    assert h.observe(True, 3.0) == Change("up", 3.0)
+    z = DownHold(0.0, up=True)
+    assert z.observe(False, 7.0) == Change("down", 7.0, 0.0)
+
+
+def test_at_once_skips_the_hold_but_keeps_its_start() -> None:
+    # An expired RA route: its lifetime was the hold.
+    h = DownHold(5.0, up=True)
+    h.observe(False, 10.0)
+    assert h.observe(False, 11.0, at_once=True) == Change("down", 10.0, 1.0)
+    fresh = DownHold(5.0, up=True)
+    assert fresh.observe(False, 20.0, at_once=True) == Change("down", 20.0, 0.0)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.floats(0, 10)), max_size=30))
+def test_no_down_shorter_than_the_hold_is_ever_decided(steps: list[tuple[bool, float]]) -> None:
+    h, now, hold = DownHold(2.0, up=True), 0.0, 2.0
+    for up, gap in steps:
+        due = h.deadline()
+        if due is not None and due <= now + gap:
+            change = h.expire(due)
+            assert change is not None and change.kind == "down" and change.held >= hold - 1e-9
+        now += gap
+        change = h.observe(up, now)
+        if change is not None and change.kind == "down":
+            raise AssertionError("a down decided inside the hold")

@@ -83,7 +83,9 @@ def test_glob_and_any_interface_skips_loopback() -> None:
     ("fe80::1", V6, 0, 253, False),
     ("2001:db8::2", V6, IFA_F_TENTATIVE, 0, False),
     ("2001:db8::2", V6, IFA_F_DADFAILED, 0, False),
-    ("2001:db8::2", V6, IFA_F_DEPRECATED, 0, False),
+    # Deprecated (preferred lifetime 0, valid left) still works (issue 18).
+    ("2001:db8::2", V6, IFA_F_DEPRECATED, 0, True),
+    ("198.51.100.2", V4, IFA_F_DEPRECATED, 0, True),
 ])
 def test_usable_address(address: str, family: int, flags: int, scope: int,
                         usable: bool) -> None:

@@ -33,7 +33,9 @@ class Watcher:
     def __init__(self, ns: Netns, *args: str, wrap: tuple[str, ...] = (),
                  python: tuple[str, ...] = (sys.executable,),
                  env: dict[str, str] | None = None) -> None:
-        self.proc = ns.popen(*wrap, *python, "-m", "etrnd.link.watcher", "--verbose", *args,
+        self.proc = ns.popen(*wrap, *python, "-m", "etrnd.link.watcher", "--verbose",
+                             # Downs at once unless a test says otherwise (argparse: last wins).
+                             "--down-hold", "0", *args,
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.lines: list[str] = []
         self._q: queue.Queue[tuple[float, str] | None] = queue.Queue()

@@ -105,7 +105,7 @@ def test_wan_dropping_mid_delivery_loses_nothing(lab: OdmrLab, tmp_path: Path) -
     # that was cut off).
     want = lab.queue_mail(2 * PER_DOMAIN, not_asked=OTHERS)  # 40: time to cut in
     config = lab.config(extra=f"watch: {{interfaces: [{lab.office_if}], up_when: carrier, "
-                              "settle: 0s, min_interval: 0s}\nrepeat: 2s\n")
+                              "settle: 0s, min_interval: 0s, down_hold: 0s}\nrepeat: 2s\n")
     with running(config, tmp_path / "daemon.log", lab.office) as daemon:
         lab.set_wan(True)
         daemon.wait_event("odmr_message", count=3, timeout=60)

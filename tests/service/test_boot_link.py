@@ -55,7 +55,7 @@ def test_first_etrn_after_a_late_carrier_does_not_wait_for_arp(tmp_path: Path, r
         config = tmp_path / "etrnd.yaml"
         config.write_text(
             f"watch: {{interfaces: [{net.office_if}], up_when: default-route, settle: 0s,"
-            " min_interval: 0s}\n"
+            " min_interval: 0s, down_hold: 0s}\n"
             f"relays: [{{name: isp, host: {ISP}, tls: none, etrn: ['@example.org'],"
             " timeout: 10s}]\n"
             f"control: {{socket: {tmp_path}/control.sock}}\n"

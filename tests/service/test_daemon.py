@@ -47,7 +47,7 @@ def write_config(path: Path, wan: str, etrn: tuple[str, ...] = ("@example.test",
                  log_format: str = "json", settle: str = "0s") -> Path:
     path.write_text(
         f"watch: {{interfaces: [{wan}], up_when: carrier, settle: {settle}, "
-        "min_interval: 0s}\n"
+        "min_interval: 0s, down_hold: 0s}\n"
         "relays:\n"
         f"  - {{name: isp, host: 127.0.0.1, port: {PORT}, tls: none, timeout: 5s,\n"
         f"      helo: office.example.test, etrn: {json.dumps(list(etrn))}}}\n"

@@ -26,7 +26,7 @@ def queued(tmp_path: Path) -> Iterator[IspOffice]:
 
 def daemon_config(env: IspOffice, tmp_path: Path, watch: str) -> Path:
     return env.write_config(tmp_path / "etrnd.yaml", extra=(
-        f"watch: {{interfaces: [{env.office_if}], {watch}}}\n"
+        f"watch: {{interfaces: [{env.office_if}], down_hold: 0s, {watch}}}\n"
         f"control: {{socket: {tmp_path / 'control.sock'}}}\n"))
 
 

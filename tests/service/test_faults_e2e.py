@@ -102,7 +102,7 @@ class Rig:
 def _config(path: Path, env: IspOffice, sock: Path) -> str:
     return (
         f"watch: {{interfaces: [{env.office_if}], up_when: carrier, settle: 0s, "
-        "min_interval: 0s}\n"
+        "min_interval: 0s, down_hold: 0s}\n"
         "relays:\n"
         # The first host has no route: failover must reach Postfix at once.
         f"  - {{name: isp, hosts: ['{UNREACHABLE}', '{ISP_ADDR}'], tls: none,"
@@ -181,7 +181,7 @@ def test_enobufs_storm_still_ends_in_the_right_state(rig: Rig, tmp_path: Path) -
         # A tiny buffer and no kernel filter: the route storm must overflow the socket.
         watch = env.office.popen(
             sys.executable, "-m", "etrnd.link.watcher", "--interfaces", env.office_if,
-            "--up-when", "carrier", "--settle", "0", "--min-interval", "0",
+            "--up-when", "carrier", "--settle", "0", "--min-interval", "0", "--down-hold", "0",
             "--debug-rcvbuf", "4096", "--debug-no-filter", cwd=ROOT, stdout=sink,
             stderr=subprocess.STDOUT)
     try:
