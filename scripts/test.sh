@@ -28,6 +28,9 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 # tests/test_systemd_e2e.py: Debian's systemd as PID 1 in systemd-nspawn (a bookworm root),
 # entered with nsenter (util-linux, above).
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+# tests/deploy/test_manpages.py: the man pages render with `man -l` and `groff -ww` finds no warning.
+command -v man >/dev/null || need+=(man-db)
+command -v groff >/dev/null || need+=(groff-base)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq
