@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiosmtplib
 
+from etrnd.config.schema import ConfigError, parse_yaml
 from tests.support import docs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,19 @@ def test_readme_is_short_and_in_an_operators_order() -> None:
     headings = [m.group(2) for m in docs.HEADING.finditer(README)
                 if m.group(1) in ("##", "###") and not docs.in_code(README, m.start())]
     assert headings == SECTIONS
+
+
+def test_every_config_the_docs_show_is_valid() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    shown = [(page.name, block) for page in pages
+             for block in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S)
+             if block.startswith(("watch:", "relays:"))]
+    assert len(shown) >= 3
+    for name, block in shown:
+        try:
+            parse_yaml(block, name, defer_credentials=True)
+        except ConfigError as exc:
+            raise AssertionError(f"{name}: {exc.problems}\n{block}") from None
 
 
 def test_demo_command_shows_a_250_within_seconds() -> None:
