@@ -6,8 +6,10 @@ Run it after changing a CLI option, a help text, a config key or its description
     .venv/bin/python scripts/manpages.py --check    # exit 1 with a diff when they are stale
 
 The pages are committed (tests/deploy/test_manpages.py checks they are current), so neither
-the wheel nor an installed system needs this script. Only the commands' and keys' own words
-come from the code; the prose around them (exit status, signals, files) is below.
+the wheel nor an installed system needs this script. The commands, their options, exit
+status and signals come from the parser (each command's --help epilog lists `exit status:`
+and, for run, `signals:`); the keys, types, defaults and descriptions from the models; the
+files, environment and examples are below.
 """
 
 from __future__ import annotations
@@ -131,27 +133,21 @@ def _term(action: argparse.Action) -> str:
     return flags if action.nargs == 0 else f"{flags} {italic(_metavar(action))}"
 
 
-# Per command; a command missing here stops the generator (a new command needs its codes).
-EXIT_STATUS = {
-    "run": "0 after SIGTERM or SIGINT; 2 the configuration is invalid; 1 any other fatal "
-           "error (logged as daemon_fatal).",
-    "check-config": "0 valid; 2 invalid, every problem printed as `path.to.key: what is "
-                    "wrong`, or a secret that cannot be read.",
-    "send": "0 every argument accepted; 4 some failed after the retries (or were given up), "
-            "even if others were refused; else 3 some refused permanently; 2 invalid "
-            "configuration, a --relay that names no relay, or an invalid ARG (nothing is "
-            "sent); 130 interrupted.",
-    "trigger": "0 the round was requested; 1 no daemon answers, or it refused the request "
-               "(the reason on standard error).",
-    "status": "0 the daemon answered; 1 no daemon answers.",
-}
+def epilog_lists(parser: argparse.ArgumentParser) -> dict[str, list[tuple[str, str]]]:
+    """The lists of a command's epilog, by title: `exit status:` then `  0  text` rows (a row
+    may go on, further indented, on the next lines)."""
+    lists: dict[str, list[tuple[str, str]]] = {}
+    rows: list[tuple[str, str]] | None = None
+    for line in (parser.epilog or "").splitlines():
+        if line and not line.startswith(" ") and line.endswith(":"):
+            rows = lists.setdefault(line[:-1], [])
+        elif rows is not None and line.startswith("    ") and rows:
+            rows[-1] = (rows[-1][0], rows[-1][1] + " " + line.strip())
+        elif rows is not None and line.strip():
+            key, _, text = line.strip().partition("  ")
+            rows.append((key, text.strip()))
+    return lists
 
-SIGNALS = [
-    ("SIGHUP", "Re-read the configuration. An invalid file is logged (config_reload_failed) "
-               "and the running configuration kept."),
-    ("SIGUSR1", "Start a round now, like `etrnd trigger`."),
-    ("SIGTERM, SIGINT", "Stop: cancel pending retries, close SMTP sessions with QUIT, exit 0."),
-]
 
 FILES = [
     ("/etc/etrnd/etrnd.yaml", "The configuration; see etrnd.yaml(5)."),
@@ -210,13 +206,10 @@ def etrnd_8() -> str:
     lines += para("`python -m etrnd` is the same program.")
     lines += [".SH COMMANDS"]
     for name, summary, sub in subs:
-        lines += [".SS " + esc(name), esc(sentence(summary))]
-        if sub.description:
-            lines += para(sub.description)
+        # The longer description where the command has one, else its one-line summary.
+        lines += [".SS " + esc(name), esc(sub.description or sentence(summary))]
         for action in _options(sub):
             lines += item(_term(action), sentence(_help(action, f"etrnd {name}")))
-        if sub.epilog:
-            lines += para(sub.epilog)
     lines += [".SH OPTIONS"]
     for action in _options(parser):
         text = _help(action, "etrnd")
@@ -225,15 +218,20 @@ def etrnd_8() -> str:
         lines += item(_term(action), sentence(text))
     lines += item(bold("-h") + ", " + bold("--help"),
                   "Print help and exit; after a command, that command's help.")
+    # Exit codes and signals are in each command's --help epilog: the page lists the same.
     lines += [".SH EXIT STATUS"]
-    for name, _, _ in subs:
-        if name not in EXIT_STATUS:
-            raise SystemExit(f"scripts/manpages.py: no EXIT_STATUS for the command {name!r}")
-        lines += item(bold(name), EXIT_STATUS[name])
+    for name, _, sub in subs:
+        codes = epilog_lists(sub).get("exit status")
+        if not codes:
+            raise SystemExit(f"scripts/manpages.py: `etrnd {name} --help` has no exit status")
+        lines += [".SS " + esc(name)]
+        for code, text in codes:
+            lines += item(bold(code), sentence(text))
     lines += [".SH SIGNALS", *para("Sent to `etrnd run` (under systemd: `systemctl reload "
                                    "etrnd` sends SIGHUP).")]
-    for name, text in SIGNALS:
-        lines += item(bold(name), text)
+    for _, _, sub in subs:
+        for signal, text in epilog_lists(sub).get("signals", []):
+            lines += item(bold(signal), sentence(text))
     lines += [".SH FILES"]
     for name, text in FILES:
         lines += item(italic(name), text)
