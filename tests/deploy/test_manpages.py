@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from etrnd.cli import build_parser
 from etrnd.config.schema import Config, parse_yaml
+from tests.support import docs
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = {"etrnd.8": ROOT / "man" / "etrnd.8", "etrnd.yaml.5": ROOT / "man" / "etrnd.yaml.5"}
@@ -136,7 +137,7 @@ def test_the_pages_example_config_is_valid() -> None:
     assert [r.protocol for r in config.relays] == ["etrn", "odmr"]
 
 
-def test_sdist_ships_the_pages(tmp_path: Path) -> None:
+def test_sdist_ships_the_pages_and_what_the_recipe_installs(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d",
                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          check=False)
@@ -145,3 +146,9 @@ def test_sdist_ships_the_pages(tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in tar.getnames()}
     assert {"man/etrnd.8", "man/etrnd.yaml.5"} <= names
+    # The README's gateway recipe runs "from the unpacked source (a git clone or a release
+    # tarball)": every file of the checkout it names is in the tarball.
+    recipe = docs.commands("README.md", "Install on a gateway", "sudo python3 -m venv")
+    named = {w for line in recipe for w in line.split() if (ROOT / w).is_file()}
+    assert {"config/etrnd.example.yaml", "systemd/etrnd.service", "man/etrnd.8"} <= named
+    assert sorted(named - names) == []
