@@ -47,6 +47,10 @@ fi
 echo "== installing etrnd with test extras"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# tests/test_metrics.py: Debian's Prometheus server and promtool, unpacked (not installed: no
+# service, no user) into the test cache once; a bare machine gets them here.
+$SUDO .venv/bin/python -m tests.support.promlab
+
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy --strict"

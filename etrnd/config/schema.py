@@ -30,6 +30,7 @@ from etrnd.config.values import (
     check_etrn_argument,
     check_hostname,
     check_ifname,
+    check_listen,
     check_server,
     check_source,
     no_blank_or_control,
@@ -282,6 +283,15 @@ class LocalMtaCheck(_Model):
         "After this long the round goes ahead anyway (local_mta_wait_gave_up)."))
 
 
+class Metrics(_Model):
+    """Prometheus exposition over HTTP (etrnd.outputs.metrics); absent = off, at no cost."""
+
+    listen: Annotated[str, AfterValidator(check_listen)] = Field(
+        default="127.0.0.1:9469", description=(
+            "ADDRESS:PORT to serve GET /metrics on, e.g. 127.0.0.1:9469 or [::1]:9469. No "
+            "authentication: keep it on loopback or a management network."))
+
+
 class Config(_Model):
     local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = Field(
         default=None, description=(
@@ -299,6 +309,8 @@ class Config(_Model):
         "While the link stays up, start a new round this often; 0: only on link-up."))
     control: Control = Field(default=Control(), description="The control socket.")
     log: Log = Field(default=Log(), description="What is logged, and how.")
+    metrics: Metrics | None = Field(default=None, description=(
+        "Prometheus metrics over HTTP (docs/metrics.md); off, and nothing loaded, when absent."))
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -203,3 +203,33 @@ def check_source(value: str) -> str:
     if value in ("auto", "kernel") or is_ip(value):
         return value
     raise ValueError(f"{value!r} is not auto, kernel or an IP address to send from")
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """`ADDRESS:PORT` of a listening socket (`127.0.0.1:9469`, `[::1]:9469`, `localhost:9469`)
+    as (host without brackets, port). Raises ValueError in the config's words."""
+    example = "e.g. 127.0.0.1:9469 or [::1]:9469"
+    if not isinstance(value, str) or not value:
+        raise ValueError(f'should be "ADDRESS:PORT", {example}')
+    no_blank_or_control(value)
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f'{value!r} should be "ADDRESS:PORT", {example}')
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host or not is_ip(host):
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address")
+    elif ":" in host:
+        raise ValueError(f"{value!r}: an IPv6 address goes in brackets, e.g. [::1]:9469")
+    elif re.fullmatch(r"[\d.]+", host) and not is_ip(host):
+        raise ValueError(f"{value!r}: {host!r} is not an IPv4 address")
+    else:
+        check_server(host)
+    return host, int(port)
+
+
+def check_listen(value: str) -> str:
+    split_listen(value)
+    return value

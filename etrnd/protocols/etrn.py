@@ -11,6 +11,7 @@ from aiosmtplib import SMTP, SMTPAuthenticationError
 
 from etrnd.config.schema import Relay
 from etrnd.config.values import check_etrn_argument
+from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.replies import (
     Outcome,
@@ -97,6 +98,7 @@ async def session(relay: Relay, host: str, args: Sequence[str], replies: dict[st
             verdict = await _etrn(smtp, arg, attempt, log)
             replies[arg] = verdict
             on_reply(arg, verdict)
+            metrics.reply(relay.label, "ETRN", verdict)
             # 459 refuses one node (Postfix: a domain it does not flush); the others may be
             # fine, so only "ETRN not supported" ends the session.
             if verdict.outcome is Outcome.REFUSED_RELAY:

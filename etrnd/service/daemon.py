@@ -21,7 +21,7 @@ from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
 from etrnd.loop.stall import Stall, StallDetector
-from etrnd.outputs import logs
+from etrnd.outputs import logs, metrics
 from etrnd.outputs import status as status_doc
 from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
@@ -30,7 +30,7 @@ from etrnd.protocols.odmr.hangup import STOP_DRAIN
 from etrnd.protocols.seam import LINK_DOWN
 from etrnd.service.control import ControlError, ControlServer
 from etrnd.service.mtagate import Gate
-from etrnd.service.rounds import RelayStatus, run_round
+from etrnd.service.rounds import RelayStatus, RoundResult, run_round
 
 log = get_logger()
 
@@ -97,6 +97,7 @@ class Daemon:
         self._warm_up()
         self._control = ControlServer(self.config.control.socket, self.handle_request)
         await self._control.start()
+        await metrics.serve(self.config)
         try:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
@@ -155,6 +156,7 @@ class Daemon:
             await self._watcher.close()
         if self._control is not None:
             await self._control.close()
+        await metrics.close()
         # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
         await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
         self._router.close()
@@ -162,6 +164,7 @@ class Daemon:
 
     def on_stall(self, stall: Stall) -> None:
         # `where`: the loop thread's innermost frames while it was stuck, when sampled.
+        metrics.stall()
         where = {"where": stall.where} if stall.where else {}
         log.warning("event_loop_stalled", duration_ms=round(stall.duration * 1000, 1),
                     threshold_ms=round(self.stalls.threshold * 1000), **where)
@@ -181,6 +184,7 @@ class Daemon:
             raise
 
     def on_decision(self, decision: Decision) -> None:
+        metrics.link(decision.kind, decision.at, decision.initial)
         # A down acted on after watch.down_hold began earlier: date it from then.
         since = time.time() - (decision.at - (decision.since or decision.at))
         if decision.kind == "up":
@@ -271,6 +275,7 @@ class Daemon:
     async def _round(self, relay: Relay, reason: str) -> None:
         status = self._status.setdefault(relay.label, RelayStatus(relay.label))
         wake = self._wake[relay.label]
+        ended: RoundResult | str = "cancelled"  # for metrics: what became of the round
 
         async def sleep(delay: float) -> None:
             # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
@@ -281,17 +286,20 @@ class Daemon:
             wake.clear()
 
         try:
+            metrics.round_started(relay.label, reason)
             if self._gate is not None:
                 await self._hold(relay)  # False when the wait ran out: the round goes ahead
             log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
             with egress.expecting(self._expected()):
-                await run_round(relay, self.config.retry, None, status, sleep=sleep)
+                ended = await run_round(relay, self.config.retry, None, status, sleep=sleep)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must cost one relay one round, not the daemon
+            ended = "crashed"
             log.error("round_crashed", relay=relay.label, error=type(exc).__name__,
                       text=str(exc)[:300])
         finally:
+            metrics.round_ended(relay.label, ended)
             if self._tasks.get(relay.label) is asyncio.current_task():
                 del self._tasks[relay.label]
             self._publish()
@@ -406,6 +414,7 @@ class Daemon:
             self._watcher.reconfigure(new.watch)
         if new.repeat != old.repeat:
             self._restart_repeat()
+        await metrics.serve(new)
         log.info("config_reloaded", config=str(self.path),
                  relays=[r.label for r in new.relays], changed=sorted(changed))
 

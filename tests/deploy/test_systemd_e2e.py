@@ -30,6 +30,7 @@ import pytest
 from tests.support import docs
 from tests.support.daemonproc import wait_for
 from tests.support.nettools import Netns, netns, unique, veth
+from tests.support.promlab import sample
 from tests.support.rootfs import cached_root
 from tests.support.systemdbox import Machine, booted, missing_tools, overlay
 
@@ -420,6 +421,33 @@ def test_stop_kill_and_bad_config(gw: Gateway) -> None:
     assert "bogus: unknown key" in box.out("journalctl --no-pager -b -u etrnd -o cat")
     box.run("cp /root/good.yaml /etc/etrnd/etrnd.yaml && systemctl reset-failed etrnd && "
             "rm /etc/systemd/system/etrnd.service.d/test.conf && systemctl daemon-reload")
+
+
+def test_metrics_work_under_the_hardened_unit(gw: Gateway) -> None:
+    """docs/metrics.md: `metrics:` served under the unit as shipped (DynamicUser,
+    RestrictAddressFamilies, ProcSubset=pid hides /proc/stat); the link is up, so the start
+    brings a round."""
+    box = gw.box
+    gw.wan(up=True)
+    box.run("cp /etc/etrnd/etrnd.yaml /root/no-metrics.yaml && "
+            "printf 'metrics: {listen: \"127.0.0.1:9469\"}\\n' >> /etc/etrnd/etrnd.yaml")
+    listening, done = len(gw.events("metrics_listening")), len(gw.events("round_done"))
+    box.run("systemctl restart etrnd")
+    wait_for(lambda: len(gw.events("metrics_listening")) > listening, 30, "metrics_listening")
+    wait_for(lambda: len(gw.events("round_done")) > done, 60, "the round to end")
+    text = box.out("python3 -c 'import urllib.request as u; "
+                   "print(u.urlopen(\"http://127.0.0.1:9469/metrics\").read().decode())'")
+    # The relay answers 250 twice and 459 for example.net (refused for this round).
+    isp = {"relay": "isp"}
+    assert sample(text, "etrnd_rounds_total", result="refused", **isp) == 1, text
+    assert sample(text, "etrnd_rounds_started_total", reason="link_up", **isp) == 1, text
+    assert sample(text, "etrnd_replies_total", command="ETRN", **{"class": "2xx"}, **isp) == 2
+    assert sample(text, "etrnd_replies_total", command="ETRN", **{"class": "4xx"}, **isp) == 1
+    assert sample(text, "etrnd_link_up") == 1
+    assert re.search(r"^process_resident_memory_bytes [1-9]", text, re.M), text
+    assert re.search(r"^process_open_fds [1-9]", text, re.M), text
+    assert box.out("systemctl is-active etrnd") == "active"
+    box.run("cp /root/no-metrics.yaml /etc/etrnd/etrnd.yaml && systemctl stop etrnd")
 
 
 def test_starts_at_boot(gw: Gateway) -> None:

@@ -11,6 +11,7 @@ from aiosmtplib import SMTP, SMTPAuthenticationError
 
 from etrnd.config.schema import Relay
 from etrnd.config.values import check_atrn_domain
+from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.odmr import turnaround
 from etrnd.protocols.odmr.office import LocalMta
@@ -129,6 +130,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
     started = time.monotonic()
     response = await smtp.execute_command(b"ATRN", ",".join(batch).encode("ascii"))
     verdict = classify_atrn(response.code, response.message)
+    metrics.reply(relay.label, "ATRN", verdict)
     fields = {"domains": batch, "code": verdict.code, "text": verdict.text, "attempt": attempt}
     if response.code != 250:
         if verdict.outcome is Outcome.ACCEPTED:
@@ -144,7 +146,7 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
     local = LocalMta(relay.effective_deliver_to, helo, relay.timeout, log.bind(leg="local"))
     got = await turnaround.receive(smtp.transport, local, hostname=helo,
                                    idle_timeout=relay.timeout, log=log,
-                                   transcript=smtp.transcript, live=live)
+                                   transcript=smtp.transcript, live=live, relay=relay.label)
     result.messages.add(got.messages)
     elapsed_ms = (time.monotonic() - started) * 1000
     verdict = _after_turnaround(got, elapsed_ms)

@@ -14,6 +14,7 @@ from typing import Any, AnyStr
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
+from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.odmr.hangup import STOP_DRAIN, Line
 from etrnd.protocols.odmr.office import LocalMta, Reply
@@ -59,8 +60,9 @@ class Relaying:
     """
 
     def __init__(self, local: LocalMta, log: Any, result: Turnaround,
-                 live: Messages | None = None) -> None:
+                 live: Messages | None = None, relay: str = "") -> None:
         self.local = local
+        self.relay = relay  # its name, for metrics
         self.log = log
         self.result = result
         self.live = live  # the round's counts, kept current (see attempt.SendAttempt)
@@ -170,6 +172,7 @@ class Relaying:
         for counts in (self.result.messages, self.live):
             if counts is not None:
                 setattr(counts, outcome, getattr(counts, outcome) + 1)
+        metrics.odmr_message(self.relay, outcome)
         level = self.log.info if outcome == "relayed" else self.log.warning
         level("odmr_message", size=size, sender=clean_text(sender, 200) or "<>",
               recipients=recipients, offered_recipients=offered, code=reply.code,
@@ -260,7 +263,7 @@ class Receiver(SMTPServer):
 async def receive(transport: asyncio.Transport, local: LocalMta, *, hostname: str,
                   idle_timeout: float, log: Any,
                   transcript: Transcript | None = None,
-                  live: Messages | None = None) -> Turnaround:
+                  live: Messages | None = None, relay: str = "") -> Turnaround:
     """Greet (220) on `transport` and serve the provider until it leaves; see Turnaround.
 
     Each message is also counted into `live` (the round's counts) as soon as it is settled.
@@ -273,7 +276,7 @@ async def receive(transport: asyncio.Transport, local: LocalMta, *, hostname: st
     escapes; the office MTA's connection is closed either way.
     """
     result = Turnaround()
-    handler = Relaying(local, log, result, live)
+    handler = Relaying(local, log, result, live, relay)
     server = Receiver(handler, hostname, idle_timeout, transcript)
     line = Line(transport, log)
     line.set_protocol(server)
