@@ -64,8 +64,8 @@ class _Metrics:
         prom.PlatformCollector(registry=reg)
         prom.GCCollector(registry=reg)
         _process_collector(reg)
-        prom.Info("etrnd_build", "The running etrnd's version.", registry=reg).info(
-            {"version": __version__})
+        prom.Gauge("etrnd_build_info", "Always 1; the running etrnd's version.", ["version"],
+                   registry=reg).labels(__version__).set(1)
         self.rounds_started = prom.Counter(
             "etrnd_rounds_started", "Rounds started, by relay and reason (link_up, repeat, "
             "trigger, SIGUSR1, ...).", ["relay", "reason"], registry=reg)
