@@ -117,7 +117,7 @@ def write_config(tmp: Path, wan: str, fmt: str = "json") -> Path:
     config = tmp / "etrnd.yaml"
     config.write_text(
         f"watch: {{interfaces: [{wan}], up_when: carrier, settle: 0s, min_interval: 0s,"
-        " down_hold: 0s}}\n"
+        " down_hold: 0s}\n"
         f"relays:\n  - {{name: isp, host: {ISP}, port: {PORT}, tls: none, timeout: 5s,\n"
         "      helo: office.example.test, etrn: ['@example.test']}\n"
         "retry: {first_delay: 1s, max_delay: 1s, give_up_after: 5s}\n"

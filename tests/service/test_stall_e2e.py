@@ -234,7 +234,7 @@ time.sleep(3600)
 def blackhole_config(path: Path, wan: str, relays: str) -> Path:
     path.write_text(
         f"watch: {{interfaces: [{wan}], up_when: carrier, settle: 0s, min_interval: 0s,"
-        " down_hold: 0s}}\n"
+        " down_hold: 0s}\n"
         f"relays:\n{relays}"
         "retry: {first_delay: 1s, max_delay: 1s, jitter: 0, give_up_after: 0}\n"
         f"control: {{socket: {path.parent / 'control.sock'}}}\n"
