@@ -241,3 +241,15 @@ def test_help_says_what_and_exit_codes(command: str) -> None:
         assert "3  some refused permanently" in exits and "4  some still failing" in exits
     if command == "check-config":
         assert "--strict" in text and "2  invalid, or warnings with --strict" in exits
+
+
+def test_the_docs_example_is_what_check_config_prints(tmp_path: Path) -> None:
+    from tests.support.docs import section
+
+    text = section("docs/configuration.md", "`etrnd check-config`: problems and warnings")
+    block = text.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    path = tmp_path / "etrnd.yaml"
+    path.write_text(RELAY + "    tls: yes\n    port: twenty-five\n    etrn: ['@a.test']\n"
+                    "  - {name: backup, host: 127.0.0.2, etrn: []}\n")
+    assert block[0] == "etrnd: invalid configuration /etc/etrnd/etrnd.yaml:"
+    assert problems_of(tmp_path, path.read_text()) == [line.strip() for line in block[1:]]

@@ -253,11 +253,13 @@ class IspOffice:
 
 @contextlib.contextmanager
 def isp_and_office(root: Path, domain: str = "example.test", *,
-                   office_link_up: bool = True) -> Iterator[IspOffice]:
+                   office_link_up: bool = True,
+                   settings: dict[str, str] | None = None) -> Iterator[IspOffice]:
     """ISP namespace with Postfix relaying `domain` to the office; office namespace receiving.
 
     With `office_link_up=False` the office end of the link starts down: the ISP then cannot
-    deliver (its connect fails at once) until set_office_link(True).
+    deliver (its connect fails at once) until set_office_link(True). `settings` override
+    main.cf values of the ISP's Postfix.
     """
     with linked("e", ISP_ADDR, OFFICE_ADDR, PREFIX_LEN) as pair:
         isp, office, isp_if, office_if = pair.isp, pair.office, pair.isp_if, pair.office_if
@@ -269,7 +271,8 @@ def isp_and_office(root: Path, domain: str = "example.test", *,
         if office_link_up:
             office.ip("link", "set", office_if, "up")
         with postfix(isp, root / "isp", address=ISP_ADDR, relay_domains=(domain,),
-                     transport={domain: f"smtp:[{OFFICE_ADDR}]:25"}) as mta, \
+                     transport={domain: f"smtp:[{OFFICE_ADDR}]:25"},
+                     settings=settings) as mta, \
                 receiver(office, root / "office", OFFICE_ADDR) as rcv:
             yield IspOffice(isp, office, isp_if, office_if, mta, rcv, domain)
 
