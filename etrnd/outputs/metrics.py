@@ -194,7 +194,7 @@ def stall() -> None:
 async def serve(config: Config) -> None:
     """Make the listener match `config.metrics`: start, move or stop it (at start and reload).
 
-    The first time metrics are configured this imports prometheus_client (~50 ms, once).
+    The first time metrics are configured this imports prometheus_client (~0.1 s, once).
     A listen address that cannot be bound is logged (metrics_listen_failed, with the reason)
     and the daemon carries on without metrics: they must never cost a link-up its round.
     """
