@@ -34,7 +34,10 @@ LABEL org.opencontainers.image.title="etrnd" \
 # patch. The group gets the same number as the user (useradd --system would pick one below
 # 1000), so USER, the files and compose's tmpfs uid/gid all agree.
 # /run/etrnd is the control socket's directory, owned by the daemon's user so it
-# works even without the tmpfs that compose.yaml mounts there.
+# works even without the tmpfs that compose.yaml mounts there. /var/lib/etrnd holds the state
+# file (each relay's last success and failure, docs/status.md): mount a volume there to keep
+# it across re-created containers; on a read-only root without one, etrnd says once that it
+# cannot save it and works on.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --disable-pip-version-check --root-user-action=ignore \
         --no-index --find-links=/wheels /wheels/etrnd-*.whl \
@@ -44,7 +47,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && useradd --system --uid "${ETRND_UID}" --gid etrnd --no-create-home --no-log-init \
         --home-dir /nonexistent --shell /usr/sbin/nologin etrnd \
     && install -d -m 0755 /etc/etrnd \
-    && install -d -o etrnd -g etrnd -m 0750 /run/etrnd
+    && install -d -o etrnd -g etrnd -m 0750 /run/etrnd /var/lib/etrnd
 
 # The daemon's default config path anyway; set so `docker exec ... etrnd status` finds the same
 # file (and so the control socket path in it). A bare `password_file:` name is looked up in
@@ -53,6 +56,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 # read-only. Unbuffered: each log line reaches `docker logs` when it happens.
 ENV ETRND_CONFIG=/etc/etrnd/etrnd.yaml \
     CREDENTIALS_DIRECTORY=/run/secrets \
+    STATE_DIRECTORY=/var/lib/etrnd \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
@@ -65,9 +69,11 @@ USER 10001:10001
 # reaped by the runtime, not by PID 1. SIGTERM makes it close SMTP sessions and exit 0.
 STOPSIGNAL SIGTERM
 
-# Healthy = the daemon answers on its control socket (exit 0); no daemon = exit 1.
+# `etrnd check` (Nagios rules, docs/status.md): 0 OK = healthy; 1 WARNING / 2 CRITICAL (a relay's
+# round unaccepted for health.warning_after / critical_after of link-up time, or a failed
+# reload) and 3 UNKNOWN (no daemon) count as failed checks: unhealthy after 3 in a row.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=15s --retries=3 \
-    CMD ["etrnd", "status"]
+    CMD ["etrnd", "check"]
 
 ENTRYPOINT ["etrnd"]
 CMD ["run"]

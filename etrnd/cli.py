@@ -1,4 +1,4 @@
-"""Command line: `etrnd run | check-config | send | trigger | status`."""
+"""Command line: `etrnd run | check-config | send | trigger | status | check`."""
 
 from __future__ import annotations
 
@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--relay", metavar="NAME", help="only this relay")
     status = command("status", "show the running daemon's state", _STATUS, _STATUS_EPILOG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser(
+        "check", parents=[common], help="health check for monitoring (Nagios plugin rules)",
+        description="Ask the running daemon for its health and print one line, "
+                    "`ETRND STATE - text | perfdata`. Exit status: 0 OK, 1 WARNING (a relay's "
+                    "round unaccepted for health.warning_after of link-up time, or a failed "
+                    "config reload), 2 CRITICAL (health.critical_after), 3 UNKNOWN (no daemon "
+                    "or no answer). The container image's HEALTHCHECK runs it.")
     return parser
 
 
@@ -184,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from etrnd.service.control import trigger_command
 
             return trigger_command(path, args.relay)
+        if args.command == "check":
+            from etrnd.outputs.health import check_command
+
+            return check_command(path)
         if args.command == "status":
             from etrnd.service.control import status_command
 

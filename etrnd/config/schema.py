@@ -292,6 +292,28 @@ class Metrics(_Model):
             "authentication: keep it on loopback or a management network."))
 
 
+class Health(_Model):
+    """Thresholds of `etrnd check` and of the `health` in `etrnd status --json`."""
+
+    warning_after: Duration = Field(
+        default=900.0,
+        description="WARNING when the link has been up this long without a relay's round "
+                    "being accepted (counted from the link-up, or from the relay's first "
+                    "failure if later); 0 = never")
+    critical_after: Duration = Field(
+        default=3600.0,
+        description="CRITICAL when the link has been up this long without a relay's round "
+                    "being accepted; 0 = never")
+
+    @model_validator(mode="after")
+    def _check(self) -> Health:
+        if self.warning_after < 0 or self.critical_after < 0:
+            raise ValueError("thresholds must not be negative")
+        if self.warning_after and self.critical_after and self.critical_after < self.warning_after:
+            raise ValueError("critical_after must not be shorter than warning_after")
+        return self
+
+
 class Config(_Model):
     local_mta: Annotated[LocalMtaCheck | None, BeforeValidator(_local_mta_shorthand)] = Field(
         default=None, description=(
@@ -311,6 +333,8 @@ class Config(_Model):
     log: Log = Field(default=Log(), description="What is logged, and how.")
     metrics: Metrics | None = Field(default=None, description=(
         "Prometheus metrics over HTTP (docs/metrics.md); off, and nothing loaded, when absent."))
+    health: Health = Field(default=Health(), description=(
+        "Thresholds of `etrnd check` and of the `health` in `etrnd status --json`."))
 
     @model_validator(mode="after")
     def _check(self) -> Config:

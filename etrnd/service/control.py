@@ -198,7 +198,15 @@ def trigger_command(config_path: str | None, relay: str | None) -> int:
         print(f"etrnd: the daemon refused: {reply.get('error', 'no reason given')}",
               file=sys.stderr)
         return 1
-    print(f"round requested for {', '.join(reply.get('relays', [])) or 'no relay'}")
+    results = reply.get("results")
+    if isinstance(results, list):
+        for item in results:
+            if isinstance(item, dict):
+                print(f"{item.get('relay')}: {item.get('what')}")
+        if not results:
+            print("no relay is configured")
+    else:  # an older daemon: names only
+        print(f"round requested for {', '.join(reply.get('relays', [])) or 'no relay'}")
     return 0
 
 

@@ -21,7 +21,7 @@ from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
 from etrnd.loop.stall import Stall, StallDetector
-from etrnd.outputs import logs, metrics
+from etrnd.outputs import logs, metrics, statefile
 from etrnd.outputs import status as status_doc
 from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
@@ -29,10 +29,12 @@ from etrnd.protocols import smtp
 from etrnd.protocols.odmr.hangup import STOP_DRAIN
 from etrnd.protocols.seam import LINK_DOWN
 from etrnd.service.control import ControlError, ControlServer
+from etrnd.service.history import RelayHistory
 from etrnd.service.mtagate import Gate
 from etrnd.service.rounds import RelayStatus, RoundResult, run_round
 
 log = get_logger()
+ROUND_STARTED = "round started"
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
@@ -45,15 +47,22 @@ STOP_NOTIFY_DRAIN = 0.2
 # Reading the config (and the secrets it names) at reload runs off the loop; a file system
 # that hangs (a dead NFS server) fails the reload after this long, keeping the old config.
 RELOAD_READ_TIMEOUT = 10.0
+# The state file's last write at stop, inside STOP_GRACE.
+STATE_SAVE_AT_STOP = 0.3
 
 
 class Daemon:
     """Owns the watcher, one round task per relay at most, and the outside interfaces."""
 
     def __init__(self, path: Path, config: Config, notifier: Notifier | None = None,
-                 stalls: StallDetector | None = None) -> None:
+                 stalls: StallDetector | None = None, state_path: Path | None = None,
+                 histories: dict[str, RelayHistory] | None = None) -> None:
         self.path = path
         self.config = config
+        self.config_loaded = time.time()
+        self.reload_failed: tuple[float, list[str]] | None = None
+        self.link_transitions = 0
+        self.repeat_next: float | None = None
         self.notifier = notifier or Notifier()
         self.stalls = stalls or StallDetector(sample=False)
         self.stalls.on_stall = self.on_stall
@@ -65,7 +74,10 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._wake: dict[str, asyncio.Event] = {}
-        self._status: dict[str, RelayStatus] = {}
+        # Each relay's live status; its history comes back from the state file.
+        self._status: dict[str, RelayStatus] = {
+            name: RelayStatus(name, history=history) for name, history in (histories or {}).items()}
+        self.state = statefile.StateFile(state_path, self._histories)
         self._watcher: LinkWatcher | None = None
         self._control: ControlServer | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -157,6 +169,7 @@ class Daemon:
         if self._control is not None:
             await self._control.close()
         await metrics.close()
+        await self.state.close(max(0.05, min(STATE_SAVE_AT_STOP, deadline - loop.time())))
         # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
         await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
         self._router.close()
@@ -185,6 +198,8 @@ class Daemon:
 
     def on_decision(self, decision: Decision) -> None:
         metrics.link(decision.kind, decision.at, decision.initial)
+        if decision.kind in ("up", "down") and not decision.initial:
+            self.link_transitions += 1
         # A down acted on after watch.down_hold began earlier: date it from then.
         since = time.time() - (decision.at - (decision.since or decision.at))
         if decision.kind == "up":
@@ -239,11 +254,13 @@ class Daemon:
         if self._repeat is not None:
             self._repeat.cancel()
             self._repeat = None
+            self.repeat_next = None
         if self.config.repeat > 0:
             self._repeat = self._spawn(self._repeat_rounds(self.config.repeat))
 
     async def _repeat_rounds(self, every: float) -> None:
         while True:
+            self.repeat_next = time.time() + every
             await asyncio.sleep(every)
             if self._watcher is not None and self._watcher.up:
                 self.start_rounds(None, "repeat")
@@ -252,17 +269,33 @@ class Daemon:
     def start_rounds(self, only: str | None, reason: str,
                      skip: Collection[str] = ()) -> list[str]:
         """Start a round on each relay (or one) that has none running; returns their names."""
+        return [name for name, what in self.rounds_for(only, reason, skip).items()
+                if what == ROUND_STARTED]
+
+    def rounds_for(self, only: str | None, reason: str,
+                   skip: Collection[str] = ()) -> dict[str, str]:
+        """Like start_rounds; returns what happened to each relay, in words for `trigger`."""
         started: list[str] = []
+        done: dict[str, str] = {}
         for relay in self.config.relays:
             if (only is not None and relay.label != only) or relay.label in skip:
                 continue
             running = self._tasks.get(relay.label)
             if running is not None:
                 # A round is already on it: a trigger cuts its backoff short, nothing queues.
+                st = self._status.get(relay.label)
+                if self._gate is not None and relay.label in self._gate.waiting:
+                    done[relay.label] = (f"round waiting for the local MTA "
+                                         f"{self._gate.target}")
+                elif st is not None and st.next_try is not None:
+                    done[relay.label] = "retrying now (was in backoff)"
+                else:
+                    done[relay.label] = "round already in progress"
                 if reason != "link_up" and reason != "repeat":
                     self._wake[relay.label].set()
                 log.info("round_busy", relay=relay.label, reason=reason)
                 continue
+            done[relay.label] = ROUND_STARTED
             started.append(relay.label)
             self._wake.setdefault(relay.label, asyncio.Event()).clear()
             self._tasks[relay.label] = asyncio.create_task(
@@ -270,7 +303,7 @@ class Daemon:
         if started:
             self.rounds_started += 1
             self.last_round = time.time()
-        return started
+        return done
 
     async def _round(self, relay: Relay, reason: str) -> None:
         status = self._status.setdefault(relay.label, RelayStatus(relay.label))
@@ -278,6 +311,7 @@ class Daemon:
         ended: RoundResult | str = "cancelled"  # for metrics: what became of the round
 
         async def sleep(delay: float) -> None:
+            self.state.changed()  # the failed attempt is worth keeping across a restart
             # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
             # wait_for: in 3.11 wait_for can swallow the cancel a link-down sends.
             with contextlib.suppress(TimeoutError):
@@ -302,6 +336,7 @@ class Daemon:
             metrics.round_ended(relay.label, ended)
             if self._tasks.get(relay.label) is asyncio.current_task():
                 del self._tasks[relay.label]
+            self.state.changed()
             self._publish()
 
     async def _hold(self, relay: Relay) -> bool:
@@ -340,12 +375,13 @@ class Daemon:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def trigger(self, relay: str | None, reason: str) -> list[str]:
+    def trigger(self, relay: str | None, reason: str) -> dict[str, str]:
+        """A round now on `relay` (None: all); returns what happened to each, in words."""
         took = self._take_pending(relay)
         log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took)
-        names = self.start_rounds(relay, reason)
+        done = self.rounds_for(relay, reason)
         self._publish()
-        return names
+        return done
 
     def _take_pending(self, relay: str | None) -> bool:
         """A trigger while a link-up round is owed (settle) is that round, not one more: the
@@ -374,18 +410,20 @@ class Daemon:
             try:
                 new = await offloop.bounded(RELOAD_READ_TIMEOUT, load_config, self.path)
             except TimeoutError:
-                log.error("config_reload_failed", config=str(self.path),
-                          problems=[f"reading the configuration took over "
-                                    f"{RELOAD_READ_TIMEOUT:g}s"],
-                          kept="previous configuration")
+                self._reload_failed([f"reading the configuration took over "
+                                     f"{RELOAD_READ_TIMEOUT:g}s"])
             except ConfigError as exc:
-                log.error("config_reload_failed", config=str(self.path), problems=exc.problems,
-                          kept="previous configuration")
+                self._reload_failed(exc.problems)
             else:
                 await self._apply(new)
             self.notifier.ready(self.summary())
             if not self._reload_again:
                 return
+
+    def _reload_failed(self, problems: list[str]) -> None:
+        self.reload_failed = (time.time(), list(problems))
+        log.error("config_reload_failed", config=str(self.path), problems=problems,
+                  kept="previous configuration")
 
     async def _apply(self, new: Config) -> None:
         old = self.config
@@ -394,8 +432,7 @@ class Daemon:
             try:
                 await server.start()
             except ControlError as exc:
-                log.error("config_reload_failed", config=str(self.path), problems=[str(exc)],
-                          kept="previous configuration")
+                self._reload_failed([str(exc)])
                 return
             if self._control is not None:
                 await self._control.close()
@@ -403,20 +440,32 @@ class Daemon:
         if new.log != old.log:
             logs.configure(new.log.level, new.log.format, background=True)
         kept = {r.label: r for r in new.relays}
-        changed = {r.label for r in old.relays if kept.get(r.label) != r}
-        self.cancel_rounds("config_reloaded", only=changed)
-        for label in changed - kept.keys():
+        before = {r.label: r for r in old.relays}
+        gone = {r.label for r in old.relays if kept.get(r.label) != r}  # changed or removed
+        interrupted = gone & self._tasks.keys()
+        self.cancel_rounds("config_reloaded", only=gone)
+        for label in gone - kept.keys():
             self._status.pop(label, None)
             self._wake.pop(label, None)
         self.config = new
+        self.config_loaded, self.reload_failed = time.time(), None
         self._set_gate(new)
         if new.watch != old.watch and self._watcher is not None:
             self._watcher.reconfigure(new.watch)
         if new.repeat != old.repeat:
             self._restart_repeat()
         await metrics.serve(new)
+        added = sorted(kept.keys() - before.keys())
+        changed = sorted(gone & kept.keys())
         log.info("config_reloaded", config=str(self.path),
-                 relays=[r.label for r in new.relays], changed=sorted(changed))
+                 relays=[r.label for r in new.relays], added=added,
+                 removed=sorted(before.keys() - kept.keys()), changed=changed)
+        if self._watcher is not None and self._watcher.up:
+            # A relay added while the link is up (or changed mid-round: that round was
+            # cancelled) would otherwise wait for the next link-up.
+            for label in [*added, *sorted(interrupted & kept.keys())]:
+                self.start_rounds(label, "config_reloaded")
+        self.state.changed()
 
     # --- control socket and status -----------------------------------------------------------
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -426,19 +475,27 @@ class Daemon:
         if relay is not None and (not isinstance(relay, str)
                                   or relay not in {r.label for r in self.config.relays}):
             return {"ok": False, "error": f"no relay named {str(relay)[:64]!r}"}
-        return {"ok": True, "relays": self.trigger(relay, "trigger")}
+        done = self.trigger(relay, "trigger")
+        return {"ok": True, "relays": list(done),
+                "results": [{"relay": name, "what": what} for name, what in done.items()]}
 
     def status(self) -> dict[str, Any]:
         watcher = self._watcher
+        link = status_doc.LinkView(
+            up=bool(watcher and watcher.up), why=watcher.why if watcher else "",
+            since=self.link_since, transitions=self.link_transitions,
+            watching=tuple(self.config.watch.interfaces), up_when=self.config.watch.up_when,
+            not_public=self.wan_not_public()
+            if any(r.protocol == "etrn" for r in self.config.relays) else None)
         doc = status_doc.build(status_doc.DaemonView(
-            path=self.path, config=self.config, started=self.started,
-            link_up=bool(watcher and watcher.up), link_why=watcher.why if watcher else "",
-            link_since=self.link_since, rounds_started=self.rounds_started,
+            path=self.path, config=self.config, started=self.started, link=link,
+            rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys(),
-            round_due=watcher.round_due() if watcher else None,
-            wan_not_public=self.wan_not_public()
-            if any(r.protocol == "etrn" for r in self.config.relays) else None))
+            round_due=watcher.round_due() if watcher else None, now=time.time(),
+            config_loaded=self.config_loaded, reload_failed=self.reload_failed,
+            repeat_next=self.repeat_next if self.config.repeat else None,
+            state_file=self.state.as_dict()))
         if self._gate is not None:
             doc["local_mta"] = self._gate.as_dict()
             for relay in doc["relays"]:
@@ -462,6 +519,11 @@ class Daemon:
     def _publish(self) -> None:
         self.notifier.status(self.summary())
 
+    def _histories(self) -> tuple[dict[str, RelayHistory], dict[str, tuple[str, ...]]]:
+        """For the state file: every relay's history and its configured arguments."""
+        return ({name: st.history for name, st in self._status.items()},
+                {r.label: r.etrn for r in self.config.relays})
+
 
 def run_command(path: str | None) -> int:
     config = load_or_report(path)
@@ -469,7 +531,13 @@ def run_command(path: str | None) -> int:
         return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format, background=True)
     stalls = StallDetector()
-    daemon = Daemon(resolve_path(path), config, stalls=stalls)
+    # Read before the loop runs (nothing waits on it yet); a bad file costs the history only.
+    state_path = statefile.default_path()
+    histories, problem = statefile.load(state_path, {r.label for r in config.relays})
+    if problem is not None:
+        log.warning("state_file_unusable", path=str(state_path), reason=problem)
+    daemon = Daemon(resolve_path(path), config, stalls=stalls, state_path=state_path,
+                    histories=histories)
     try:
         with asyncio.Runner(loop_factory=stalls.new_event_loop) as runner:
             return runner.run(daemon.run())

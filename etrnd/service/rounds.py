@@ -15,6 +15,7 @@ from etrnd.outputs.logs import get_logger
 from etrnd.protocols.choose import attempt_for
 from etrnd.protocols.replies import Outcome, Verdict, describe
 from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt
+from etrnd.service.history import Mark, RelayHistory, cause
 from etrnd.service.retry import Backoff
 
 
@@ -58,6 +59,12 @@ class RelayStatus:
     host: str | None = None  # the host being (or last) tried
     args: dict[str, ArgStatus] = field(default_factory=dict)
     messages: Messages = field(default_factory=Messages)  # this round, over all attempts
+    # Kept across rounds: the relay's history (saved in the state file) and how the last
+    # round ended: accepted | refused | given-up | interrupted (cancelled), None before any.
+    history: RelayHistory = field(default_factory=RelayHistory)
+    ended: str | None = None
+    ended_at: float | None = None
+    messages_total: Messages = field(default_factory=Messages)  # since the daemon started
 
     def as_dict(self) -> dict[str, Any]:
         return {"relay": self.relay, "running": self.running, "round_start": self.round_start,
@@ -132,6 +139,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
     status.next_try, status.host = None, None
     status.messages = Messages()
     status.args = {a: ArgStatus(a) for a in wanted}
+    status.ended = None
     todo = list(wanted)
 
     def on_host(host: str) -> None:
@@ -149,6 +157,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
                 status.args[arg].attempts += 1
             result = await send(relay, todo, attempt=status.attempts, on_host=on_host,
                                 on_reply=on_reply, messages=status.messages)
+            _remember(relay, status.history, todo, result, wall(), log)
             todo, reason = _settle(status, todo, result, wall())
             if not todo:
                 break
@@ -165,11 +174,48 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
             await sleep(delay)
     except asyncio.CancelledError:
         log.info("round_cancelled", attempts=status.attempts)
+        status.ended = "interrupted"
         raise
     finally:
         status.running = False
         status.next_try = None
-    return _finish(status, log)
+        status.ended_at = wall()
+        status.messages_total.add(status.messages)
+    done = _finish(status, log)
+    if done.ok:
+        status.ended = "accepted"
+        status.history.accepted_round = status.ended_at
+    else:
+        status.ended = "refused" if done.refused or done.messages.refused else "given-up"
+    return done
+
+
+def _remember(relay: Relay, history: RelayHistory, todo: list[str], result: AttemptResult,
+              now: float, log: Any) -> None:
+    """Book one attempt into the relay's and its arguments' histories (status, state file)."""
+    port = relay.effective_port
+    stop = None
+    if result.stop is not None:
+        kind, text = cause(result.stop, result.host, port)
+        stop = Mark(now, kind, text, result.stop.code, result.host)
+    good: list[Mark] = []
+    bad: list[Mark] = [stop] if stop is not None else []
+    for arg in todo:
+        verdict = result.replies.get(arg)
+        if verdict is None:
+            if stop is not None:
+                history.arg(arg).note([], [Mark(now, stop.kind, stop.text, stop.code,
+                                                stop.host, arg)])
+            continue
+        kind, text = cause(verdict, result.host, port)
+        mark = Mark(now, kind, text, verdict.code, result.host, arg)
+        accepted = verdict.outcome is Outcome.ACCEPTED
+        (good if accepted else bad).append(mark)
+        history.arg(arg).note([mark] if accepted else [], [] if accepted else [mark])
+    history.note(good, bad)
+    if history.note_streak([v for a, v in result.replies.items() if a in todo]):
+        log.warning("etrn_probable_refusal", reply=history.streak_reply,
+                    times=history.streak, check=history.hint)
 
 
 def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,

@@ -260,7 +260,7 @@ def assert_locked_down(name: str, ns: str) -> None:
     assert re.search(r" /run/secrets/isp \S+ ro,", mounts)
     inspect = json.loads(pm.podman("inspect", name).stdout)[0]
     assert inspect["HostConfig"]["NetworkMode"] == "host"
-    assert inspect["Config"]["Healthcheck"]["Test"] == ["CMD", "etrnd", "status"]
+    assert inspect["Config"]["Healthcheck"]["Test"] == ["CMD", "etrnd", "check"]
 
 
 def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Path) -> None:
@@ -357,6 +357,59 @@ def test_readme_docker_run_on_a_test_wan(image: tuple[str, float], tmp_path: Pat
             assert "Traceback" not in "\n".join(lines)
         finally:
             pm.podman("rm", "-f", "-t", "0", env.name, check=False, netns=ns)
+
+
+def health(name: str, ns: str) -> tuple[int, str]:
+    """`podman healthcheck run` (the image's HEALTHCHECK, now) and the container's health."""
+    run = pm.podman("healthcheck", "run", name, netns=ns, check=False)
+    state = json.loads(pm.podman("inspect", name, netns=ns).stdout)[0]["State"]
+    return run.returncode, state["Healthcheck"]["Status"]
+
+
+def test_healthcheck_unhealthy_while_every_relay_fails(image: tuple[str, float],
+                                                       tmp_path: Path) -> None:
+    env = Env(tmp_path, image[0])
+    with linked("h", ISP, OFFICE) as net:
+        prepare(tmp_path, net)
+        config = tmp_path / "etrnd.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["health"] = {"warning_after": "1s", "critical_after": "2s"}
+        data["retry"].update(first_delay="1s", max_delay="1s")
+        config.write_text(json.dumps(data))
+        os.chown(tmp_path / "isp.secret", 10001, 10001)
+        ns = net.office.name
+        wan_up(net)  # nothing listens at the ISP yet: every round is refused
+        relay = None
+        try:
+            pm.podman("run", "-d", "--name", env.name, "--network", "host", "--read-only",
+                      "--read-only-tmpfs=false", "--tmpfs", "/run/etrnd:U,mode=0750",
+                      "-v", f"{config}:/etc/etrnd/etrnd.yaml:ro",
+                      "-v", f"{tmp_path / 'isp.secret'}:/run/secrets/isp:ro", env.image,
+                      netns=ns)
+            wait_event(env.name, "etrn_session_failed")
+            # Three failed checks in a row (the image's --retries) make it unhealthy.
+            for _ in range(3):
+                code, status = wait_for(lambda: (h := health(env.name, ns))[0] != 0 and h, 30,
+                                        "a failing health check")
+            assert (code, status) == (1, "unhealthy")
+            check = pm.podman("exec", env.name, "etrnd", "check", netns=ns, check=False)
+            assert check.returncode == 2, check
+            assert check.stdout.startswith("ETRND CRITICAL - isp: no accepted round for "), check
+            assert f"connection refused ({ISP}:25)" in check.stdout
+            print(check.stdout.strip())  # for the report (pytest -s)
+            # The ISP's relay comes back: the next retry is accepted, the container healthy.
+            relay = Relay(net)
+            wait_for(lambda: relay is not None and relay.etrns(), 30, "the ETRN at the ISP")
+            code, status = wait_for(lambda: (h := health(env.name, ns))[0] == 0 and h, 30,
+                                    "a passing health check")
+            assert status == "healthy"
+            # No volume on a read-only root: the state file cannot be kept, and it says so.
+            failed = wait_event(env.name, "state_file_failed")
+            assert "Read-only file system" in failed["reason"]
+        finally:
+            pm.podman("rm", "-f", "-t", "0", env.name, check=False, netns=ns)
+            if relay is not None:
+                relay.proc.terminate()
 
 
 def test_readme_compose_starts_the_same_container(image: tuple[str, float],

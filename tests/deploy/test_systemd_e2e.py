@@ -299,6 +299,12 @@ def test_hardening_is_real_and_nothing_complains(gw: Gateway) -> None:
     # The 459 for example.net is an error, and makes its round_done a warning; nothing else.
     assert complaints == {"etrn_refused", "round_done", "netlink_rcvbuf_limited"}, complaints
     assert all("example.net" in e["REFUSED"] for e in warnings if e["EVENT"] == "round_done")
+    # StateDirectory= under DynamicUser: the state file is written (no state_file_failed
+    # above), privately, and holds the relay's last success for the next start.
+    assert gw.box.out("stat -c '%u %a' /var/lib/private/etrnd") == f"{uid} 700"
+    state = json.loads(wait_for(lambda: gw.box.out("cat /var/lib/etrnd/state.json",
+                                                   check=False), 30, "the state file"))
+    assert state["relays"]["isp"]["last_success"]["text"].startswith("250 ")
 
 
 def test_reload_keeps_a_bad_config_and_uses_a_good_one(gw: Gateway) -> None:

@@ -2,10 +2,10 @@
 
     python -m tests.support.etrn_server HOST PORT [REPLY ...]
 
-Each ETRN takes the next REPLY (`451`, `250`, `hang`: never answer); when they run out,
-the last one repeats. Prints `READY` once listening, then `ETRN <arg> <code> <monotonic>`.
-With `ETRN_SERVER_AUTH=user:password` in the environment it offers AUTH PLAIN (RFC 4616)
-and prints `AUTH <user> ok|bad` for each attempt.
+Each ETRN takes the next REPLY (`451`, `250`, `458:Administrative prohibition` for a text of
+its own, `hang`: never answer); when they run out, the last one repeats. Prints `READY` once
+listening, then `ETRN <arg> <code> <monotonic>`. With `ETRN_SERVER_AUTH=user:password` in
+the environment it offers AUTH PLAIN (RFC 4616) and prints `AUTH <user> ok|bad` for each attempt.
 """
 
 from __future__ import annotations
@@ -45,14 +45,18 @@ async def main(host: str, port: int, script: list[str]) -> None:
                     ok = (got_user, got_pw) == (user.encode(), password.encode())
                     print(f"AUTH {got_user.decode(errors='replace')} {'ok' if ok else 'bad'}",
                           flush=True)
-                    writer.write(b"235 Authenticated\r\n" if ok else b"535 Bad credentials\r\n")
+                    writer.write(b"235 Authenticated\r\n" if ok else  # Postfix's words
+                                 b"535 5.7.8 Error: authentication failed: "
+                                 b"authentication failure\r\n")
                 elif verb == "ETRN":
                     reply = next_reply()
-                    print(f"ETRN {arg} {reply} {time.monotonic():.6f}", flush=True)
+                    print(f"ETRN {arg} {reply.partition(':')[0]} {time.monotonic():.6f}",
+                          flush=True)
                     if reply == "hang":
                         await asyncio.Event().wait()
-                    code = int(reply)
-                    writer.write(f"{code} {TEXT.get(code, 'Scripted')}\r\n".encode())
+                    number, _, own = reply.partition(":")
+                    code = int(number)
+                    writer.write(f"{code} {own or TEXT.get(code, 'Scripted')}\r\n".encode())
                 elif verb == "QUIT":
                     writer.write(b"221 Bye\r\n")
                     await writer.drain()
