@@ -114,7 +114,7 @@ def test_reload_keeps_old_config_when_invalid_and_applies_valid(wan: Wan, tmp_pa
             daemon.wait_event("config_reloaded")
             res = daemon.cli("trigger")
             assert res.returncode == 0, res.stderr
-            assert res.stdout.strip() == "round requested for isp"
+            assert res.stdout.strip() == "isp: round started"
             wait_for(lambda: len(server.etrns()) == 3, 10, "the triggered round")
             assert server.etrns()[2][0] == "@b.example"
             assert daemon.proc.poll() is None
