@@ -52,17 +52,30 @@ exit status:
   3  some refused permanently (a 5xx or 459 reply, AUTH refused, ETRN not supported)
   4  some still failing when retries gave up (connection, time-out, TLS, 4xx)
   130  interrupted"""
-_TRIGGER = "Ask the running daemon, over its control socket, to start a round now."
+_TRIGGER = ("Ask the running daemon, over its control socket, to start a round now; prints "
+            "per relay what happened (`isp: round started`, `backup: retrying now (was in "
+            "backoff)`).")
 _TRIGGER_EPILOG = """\
 exit status:
   0  the daemon accepted the request
   1  no daemon answers on the control socket, or it refused the request"""
-_STATUS = ("Show the running daemon's state: the link, and each relay's and argument's last "
-           "result and next try.")
+_STATUS = ("Show the running daemon's state: a verdict first (OK, DEGRADED or FAILING, and "
+           "why), then the link, and each relay's last success, last failure with its cause, "
+           "and next try (docs/status.md).")
 _STATUS_EPILOG = """\
 exit status:
-  0  the daemon answered
+  0  the daemon answered (even when relays fail: that is the verdict, or `etrnd check`)
   1  no daemon answers on the control socket"""
+_HEALTH = """\
+Health check by the Nagios plugin conventions: asks the running daemon and prints one line,
+`ETRND STATE - text | perfdata`. The container image's HEALTHCHECK runs it."""
+_HEALTH_EPILOG = """\
+exit status:
+  0  OK: every relay's round accepted since the link came up (or the link is down)
+  1  WARNING: a relay's round unaccepted for health.warning_after of link-up time,
+     or a config reload failed
+  2  CRITICAL: unaccepted for health.critical_after
+  3  UNKNOWN: no daemon answers on the control socket"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,13 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--relay", metavar="NAME", help="only this relay")
     status = command("status", "show the running daemon's state", _STATUS, _STATUS_EPILOG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser(
-        "check", parents=[common], help="health check for monitoring (Nagios plugin rules)",
-        description="Ask the running daemon for its health and print one line, "
-                    "`ETRND STATE - text | perfdata`. Exit status: 0 OK, 1 WARNING (a relay's "
-                    "round unaccepted for health.warning_after of link-up time, or a failed "
-                    "config reload), 2 CRITICAL (health.critical_after), 3 UNKNOWN (no daemon "
-                    "or no answer). The container image's HEALTHCHECK runs it.")
+    command("check", "health check for monitoring (Nagios plugin rules)", _HEALTH,
+            _HEALTH_EPILOG)
     return parser
 
 

@@ -393,7 +393,13 @@ def test_healthcheck_asks_the_daemon(stages: list[list[Instruction]]) -> None:
     checks = _find(stages[-1], "HEALTHCHECK")
     assert len(checks) == 1
     _options, _, command = checks[0].args.partition("CMD ")
-    assert json.loads(command) == ["etrnd", "status"]
+    # `etrnd check` (Nagios exit codes): unhealthy while relays fail, not only without a daemon.
+    assert json.loads(command) == ["etrnd", "check"]
+    # The state file's directory, the daemon's own, named the way systemd names it.
+    env = " ".join(i.args for i in _find(stages[-1], "ENV"))
+    assert "STATE_DIRECTORY=/var/lib/etrnd" in env
+    runs = " ".join(i.args for i in _find(stages[-1], "RUN"))
+    assert re.search(r"install -d -o etrnd -g etrnd -m 0750 [^&]*/var/lib/etrnd\b", runs), runs
 
 
 def test_image_config_path_is_the_daemons_default(stages: list[list[Instruction]]) -> None:

@@ -384,7 +384,7 @@ def test_reload_adds_a_relay_with_its_round_and_a_failed_reload_shows(wan: Wan,
         first.terminate()
         second.terminate()
     assert status["verdict"]["state"] == "DEGRADED"
-    assert re.match(r"DEGRADED: config reload failed at \d\d:\d\d:\d\d: relays\.0\.tls: .*; "
+    assert re.match(r"DEGRADED: config reload failed at \d\d:\d\d:\d\d: relays\[isp\]\.tls: .*; "
                     r"running the config of \d\d:\d\d:\d\d\n", text), text
-    assert status["reload"]["problems"][0].startswith("relays.0.tls: ")
+    assert status["reload"]["problems"][0].startswith("relays[isp].tls: ")
     assert code == 1 and line.startswith("ETRND WARNING - config reload failed at "), line
