@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ def cause(verdict: Verdict, host: str | None, port: int) -> tuple[str, str]:
                 return "refused", f"connection refused ({where})"
             if number == 110:
                 return "timeout", f"time-out: no answer from {where}"
-            return "connect", f"cannot connect to {where}: {reason or text}"
+            # asyncio words it "Connect call failed (...)": the errno says what happened.
+            return "connect", f"cannot connect to {where}: {os.strerror(number)}"
         return "connect", f"cannot connect to {where}: {text}"
     if error == "SMTPServerDisconnected":
         return "disconnected", f"the server closed the connection ({where}): {text}"
