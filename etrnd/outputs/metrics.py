@@ -59,7 +59,8 @@ class _Metrics:
     def __init__(self) -> None:
         import prometheus_client as prom
 
-        prom.disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series per label set: clutter, no use here
+        # A `_created` series for every label set: clutter, of no use here.
+        prom.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = reg = prom.CollectorRegistry()
         prom.PlatformCollector(registry=reg)
         prom.GCCollector(registry=reg)
@@ -174,13 +175,13 @@ def reply(relay: str, command: str, verdict: Reply) -> None:
 
 
 def odmr_message(relay: str, outcome: str) -> None:
-    """One ODMR message settled: relayed, refused or deferred (see attempt.Messages)."""
+    """One ODMR message settled: relayed, refused or deferred (protocols.seam.Messages)."""
     if _metrics is not None:
         _metrics.odmr_messages.labels(relay, outcome).inc()
 
 
 def link(kind: str, at: float, initial: bool) -> None:
-    """A link decision (watch.Decision's kind, monotonic time, state at start or not)."""
+    """A link decision (link.watcher.Decision's kind, monotonic time, state at start)."""
     if _metrics is not None and kind in ("up", "down"):
         _metrics.link(kind == "up", at, initial)
 
@@ -191,8 +192,9 @@ def stall() -> None:
 
 
 # --- the listener ------------------------------------------------------------------------
-async def serve(config: Config) -> None:
+async def serve(config: Config, link_up: bool) -> None:
     """Make the listener match `config.metrics`: start, move or stop it (at start and reload).
+    `link_up`: the link's state now, for metrics that a reload turns on while it is up.
 
     The first time metrics are configured this imports prometheus_client (~0.1 s, once).
     A listen address that cannot be bound is logged (metrics_listen_failed, with the reason)
@@ -202,6 +204,7 @@ async def serve(config: Config) -> None:
     wanted = config.metrics.listen if config.metrics is not None else None
     if wanted is not None and _metrics is None:
         _metrics = _Metrics()
+        _metrics.link_up.set(1 if link_up else 0)
     if _metrics is not None:
         _metrics.relays(r.label for r in config.relays)
     if wanted == _listen and (_server is not None or wanted is None):

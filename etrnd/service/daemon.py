@@ -109,7 +109,7 @@ class Daemon:
         self._warm_up()
         self._control = ControlServer(self.config.control.socket, self.handle_request)
         await self._control.start()
-        await metrics.serve(self.config)
+        await metrics.serve(self.config, link_up=False)  # the watcher starts after this
         try:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
@@ -454,7 +454,7 @@ class Daemon:
             self._watcher.reconfigure(new.watch)
         if new.repeat != old.repeat:
             self._restart_repeat()
-        await metrics.serve(new)
+        await metrics.serve(new, link_up=self._watcher is not None and self._watcher.up)
         added = sorted(kept.keys() - before.keys())
         changed = sorted(gone & kept.keys())
         log.info("config_reloaded", config=str(self.path),

@@ -33,9 +33,10 @@ def free_port() -> int:
         return port
 
 
-def idle_config(tmp_path: Path, metrics: str = "") -> Path:
+def idle_config(tmp_path: Path, metrics: str = "", watch: str = "") -> Path:
     path = tmp_path / "etrnd.yaml"
-    path.write_text(f"watch: {{interfaces: [nosuch{free_port()}]}}\n{RELAY}"
+    watch = watch or f"{{interfaces: [nosuch{free_port()}]}}"  # no such interface: down
+    path.write_text(f"watch: {watch}\n{RELAY}"
                     f"control: {{socket: {tmp_path / 'control.sock'}}}\n"
                     f"log: {{format: json}}\n{metrics}")
     return path
@@ -141,6 +142,20 @@ def test_reload_moves_and_removes_the_listener(tmp_path: Path) -> None:
             get(f"http://[::1]:{second}/metrics")
 
 
+def test_metrics_a_reload_turns_on_see_the_link_already_up(tmp_path: Path) -> None:
+    port = free_port()
+    # Loopback is up (carrier): the link is up from the start, its decision long gone.
+    config = idle_config(tmp_path, watch="{interfaces: [lo], up_when: carrier}")
+    with running(config, tmp_path / "log") as daemon:
+        assert daemon.events("daemon_ready")[0]["link"] == "up"
+        config.write_text(config.read_text() + f'metrics: {{listen: "127.0.0.1:{port}"}}\n')
+        daemon.signal(1)  # SIGHUP
+        daemon.wait_event("metrics_listening")
+        body = get(f"http://127.0.0.1:{port}/metrics")[2]
+        assert sample(body, "etrnd_link_up") == 1
+        assert sample(body, "etrnd_link_transitions_total", to="up") is None  # none since
+
+
 # --- the real thing: Postfix at the ISP, Prometheus beside etrnd ---------------------------
 def docs_scrape_config() -> str:
     """docs/metrics.md's prometheus.yml, scraping every second instead of every 15 s."""
@@ -230,7 +245,8 @@ async def test_odmr_messages_and_atrn_replies_are_counted(tmp_path: Path) -> Non
     series = [("etrnd_odmr_messages_total", {"relay": "isp", "outcome": o})
               for o in ("relayed", "deferred", "refused")]
     series.append(("etrnd_replies_total", {"relay": "isp", "command": "ATRN", "class": "2xx"}))
-    await metrics.serve(parse_yaml(RELAY + f"metrics: {{listen: 127.0.0.1:{free_port()}}}\n"))
+    await metrics.serve(parse_yaml(RELAY + f"metrics: {{listen: 127.0.0.1:{free_port()}}}\n"),
+                        link_up=False)
     try:
         before = counts(*series)
         async with serving(provider, office) as (port, office_port):
@@ -259,7 +275,7 @@ def test_a_real_stall_is_counted(tmp_path: Path) -> None:
     Daemon(tmp_path / "etrnd.yaml", config, stalls=detector)  # wires on_stall
 
     async def main() -> list[float]:
-        await metrics.serve(config)
+        await metrics.serve(config, link_up=False)
         try:
             [before] = counts(("etrnd_event_loop_stalls_total", {}))
             time.sleep(0.1)  # noqa: ASYNC251 - a blocking call on the loop: what is detected
