@@ -107,6 +107,10 @@ def _reason(err: Any, loc: Loc, place: Place | None) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if value is None and kind in ("tuple_type", "list_type"):
+        return "is empty: write a list, e.g. [a, b]"
+    if value is None and kind in ("dict_type", "model_type"):
+        return "is empty: give its keys (key: value), or leave it out for the defaults"
     if value is None and kind not in ("value_error", "assertion_error"):
         return "is empty"
     if kind in ("tuple_type", "list_type"):

@@ -193,6 +193,8 @@ def _syntax(exc: yaml.MarkedYAMLError, lines: list[str], source: str) -> str:
         return (f"{source}:{line}:{column}: a value that begins with '{found.group(1)}' must be "
                 f"quoted: write \"{word}\"")
     hint = _SYNTAX_HINTS.get(problem)
+    if hint is None and problem.startswith("expected <block end>"):
+        hint = "the indentation is off: this line does not line up with the keys above it"
     text = f"{hint} (YAML: {problem})" if hint else problem
     return f"{source}:{line}:{column}: YAML syntax: {text}"
 

@@ -83,8 +83,15 @@ BOOLEANS = "unquoted yes/no/on/off/true/false are booleans"
                  "failed at the end of the file; quote it: \"#office-queue\"",
                  id="hash-swallows-the-rest"),
     pytest.param(RELAY + "    etrn: #office-queue\n",
-                 "relays[isp].etrn: is empty ('#' starts a comment, so YAML read nothing here; "
-                 "quote it: \"#office-queue\")", id="hash-after-key"),
+                 "relays[isp].etrn: is empty: write a list, e.g. [a, b] ('#' starts a comment, "
+                 "so YAML read nothing here; quote it: \"#office-queue\")", id="hash-after-key"),
+    pytest.param(RELAY + "    etrn: ['@a.test']\nretry:\n",
+                 "retry: is empty: give its keys (key: value), or leave it out for the "
+                 "defaults", id="empty-section"),
+    pytest.param("relays:\n  - name: isp\n   host: 127.0.0.1\n",
+                 "FILE:3:4: YAML syntax: the indentation is off: this line does not line up "
+                 "with the keys above it (YAML: expected <block end>, but found '<block "
+                 "mapping start>')", id="indentation"),
     pytest.param(RELAY + "    etrn:\n      - #office-queue\n",
                  "relays[isp].etrn.0: is empty ('#' starts a comment, so YAML read nothing "
                  "here; quote it: \"#office-queue\")", id="hash-list-item"),
