@@ -112,43 +112,6 @@ def setup_error(error: str, text: str) -> Verdict:
     return Verdict(Outcome.REFUSED_RELAY, None, clean_text(text), error=error)
 
 
-_CONNECT = re.compile(r"^Error connecting to (?P<host>\S+) on port (?P<port>\d+): (?P<why>.*)$")
-_ERRNO = re.compile(r"^\[Errno (?P<errno>-?\d+)\] (?P<text>.*)$")
-# Socket and resolver errors (errno / EAI_*) an operator meets, in plain words.
-_CONNECT_WHY = {111: "connection refused", 110: "connection timed out",
-                113: "no route to host", 101: "network unreachable",
-                -2: "host name not found", -5: "host name has no address",
-                -3: "name lookup failed (temporary)"}
-# Failures whose text already says it all (set by the sessions, not by a library).
-_SELF_EXPLAINED = ("AuthNotOffered", "AuthWithoutTLS", "StartTLSNotOffered", "InvalidArgument",
-                   "Deferred", "TurnaroundTimeout", "TurnaroundDropped")
-
-
-def describe(verdict: Verdict) -> str:
-    """The reason in an operator's words, one line: `459 <x>: service unavailable`,
-    `AUTH failed: 535 5.7.8 ...`, `connection refused (192.0.2.1:25)`, `TLS: ...`."""
-    if verdict.error is None:
-        return f"{verdict.code} {verdict.text}".strip()
-    if verdict.error == "AuthenticationFailed":
-        return f"AUTH failed: {verdict.code} {verdict.text}".strip()
-    if verdict.error in _SELF_EXPLAINED:
-        return verdict.text
-    if verdict.error == "ProtocolError":
-        return f"not an SMTP answer to the command: {verdict.code} {verdict.text}"
-    if verdict.error == "SSLCertVerificationError":
-        return f"TLS certificate not accepted: {verdict.text}"
-    connect = _CONNECT.match(verdict.text)
-    if connect is not None:
-        why = connect["why"]
-        errno = _ERRNO.match(why)
-        if errno is not None:
-            why = _CONNECT_WHY.get(int(errno["errno"]), errno["text"])
-        return f"{why} ({connect['host']}:{connect['port']})"
-    if verdict.error.endswith("TimeoutError") or verdict.error == "SMTPServerDisconnected":
-        return verdict.text  # aiosmtplib's words: "Timed out connecting to ...", ...
-    return f"{verdict.error}: {verdict.text}"
-
-
 def invalid_argument(arg: str, reason: str) -> Verdict:
     """An argument that failed the last check before the wire; it was never sent."""
     return Verdict(Outcome.REFUSED_ARG, None, clean_text(f"not sent: {reason}"),

@@ -13,7 +13,7 @@ from typing import Any
 from etrnd.config.schema import Relay, Retry
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.choose import attempt_for
-from etrnd.protocols.replies import Outcome, Verdict, describe
+from etrnd.protocols.replies import Outcome, Verdict
 from etrnd.protocols.seam import AttemptResult, Messages, SendAttempt
 from etrnd.service.history import Mark, RelayHistory, cause
 from etrnd.service.retry import Backoff
@@ -38,7 +38,7 @@ class ArgStatus:
     when: float | None = None  # wall-clock time of the last result
     attempts: int = 0  # how often it went (or was meant to go) on the wire this round
     pending_messages: int | None = None  # from a 253 reply
-    verdict: Verdict | None = None  # the last one, for its reason (replies.describe)
+    verdict: Verdict | None = None  # the last one, for its reason (history.cause)
     by_relay: bool = False  # the relay's failure (AUTH, 500/502, connect...), not this argument's
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,7 +88,7 @@ class RoundResult:
     failed: tuple[str, ...] = ()  # gave up (deadline) or could not be tried
     attempts: int = 0
     messages: Messages = field(default_factory=Messages)  # ODMR only
-    reasons: Mapping[str, str] = field(default_factory=dict)  # argument -> describe()
+    reasons: Mapping[str, str] = field(default_factory=dict)  # argument -> history.cause
     relay_reason: str | None = None  # set when the relay failed or refused for `by_relay`
     by_relay: tuple[str, ...] = ()
 
@@ -181,7 +181,7 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
         status.next_try = None
         status.ended_at = wall()
         status.messages_total.add(status.messages)
-    done = _finish(status, log)
+    done = _finish(status, log, relay.effective_port)
     if done.ok:
         status.ended = "accepted"
         status.history.accepted_round = status.ended_at
@@ -252,7 +252,7 @@ def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,
     return left, "; ".join(dict.fromkeys(reasons))
 
 
-def _finish(status: RelayStatus, log: Any) -> RoundResult:
+def _finish(status: RelayStatus, log: Any, port: int) -> RoundResult:
     by: dict[ArgOutcome, list[str]] = {o: [] for o in ArgOutcome}
     reasons: dict[str, str] = {}
     by_relay: list[str] = []
@@ -265,9 +265,9 @@ def _finish(status: RelayStatus, log: Any) -> RoundResult:
             reasons[st.arg] = "not tried"
         elif st.by_relay:
             by_relay.append(st.arg)
-            relay_reason = relay_reason or describe(st.verdict)
+            relay_reason = relay_reason or cause(st.verdict, status.host, port)[1]
         else:
-            reasons[st.arg] = describe(st.verdict)
+            reasons[st.arg] = cause(st.verdict, status.host, port)[1]
     result = RoundResult(
         relay=status.relay, accepted=tuple(by[ArgOutcome.ACCEPTED]),
         refused=tuple(by[ArgOutcome.REFUSED]),

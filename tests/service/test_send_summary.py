@@ -57,8 +57,8 @@ async def test_wrong_password_is_the_relays_not_the_domains(tmp_path: Path) -> N
                       f"password_file: {secret}}}\n")
         rc, out = await send(path, {"SSL_CERT_FILE": str(tmp_path / "ca.pem")})
     assert (rc, out) == (3, "relay isp: accepted: -; refused: -; failed: -; relay refused for "
-                            "@example.org, @example.net: AUTH failed: 535 5.7.8 Authentication "
-                            "credentials invalid; attempts: 1\n")
+                            "@example.org, @example.net: AUTH refused: 535 5.7.8 Authentication "
+                            "credentials invalid (check username and password); attempts: 1\n")
     assert isp.logins == [False] and isp.etrn == []  # one try, and no domain was ever asked
 
 
