@@ -324,7 +324,9 @@ def test_check_exit_codes(wan: Wan, tmp_path: Path) -> None:
             assert line.startswith("ETRND OK - link up, 1 relay fine |"), line
             wan.office.ip("link", "set", wan.wan, "down")
             wait_for(lambda: not daemon.status()["link"]["up"], 10, "link down")
-            assert check(daemon)[0] == 0
+            assert check(daemon)[0] == 0  # a link that is down is not etrnd's failure
+            assert daemon.status()["link"]["transitions"] == 1
+            assert "link: DOWN for " in status_text(daemon)
         finally:
             server.terminate()
 
@@ -339,7 +341,8 @@ def test_trigger_says_per_relay_what_happened(wan: Wan, tmp_path: Path) -> None:
     server = scripted(wan.office, "250")
     config = write_config(tmp_path / "etrnd.yaml", wan.wan,
                           f"host: 127.0.0.1, port: {PORT}, tls: none, timeout: 2s",
-                          retry="first_delay: 1h, max_delay: 1h, give_up_after: 0")
+                          retry="first_delay: 1h, max_delay: 1h, give_up_after: 0",
+                          extra="repeat: 2h\n")
     config.write_text(config.read_text().replace("retry:", BACKUP + "retry:"))
     try:
         with running(config, tmp_path / "log", wan.office) as daemon:
@@ -352,6 +355,8 @@ def test_trigger_says_per_relay_what_happened(wan: Wan, tmp_path: Path) -> None:
             res = daemon.cli("trigger")
             assert res.stdout == ("isp: round started\n"
                                   "backup: retrying now (was in backoff)\n"), res
+            assert re.search(r"; repeat every 2 h, next in 1 h 5\d min \(\d\d:\d\d:\d\d\)\n",
+                             status_text(daemon))
     finally:
         server.terminate()
 
