@@ -264,7 +264,7 @@ def render(status: dict[str, Any]) -> str:
     mta = status.get("local_mta")
     if mta:
         lines.append(f"local MTA {mta.get('address')}: {mta.get('state')}"
-                     + (f" since {mta['since']}" if mta.get("since") else "")
+                     + (f" since {when.since(mta['since'])}" if mta.get("since") else "")
                      + (f" ({mta['error']})" if mta.get("error") else ""))
     state_file = status.get("state_file")
     if state_file and state_file.get("error"):
