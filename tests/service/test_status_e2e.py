@@ -103,7 +103,6 @@ def shape(line: str, iface: str = "ppp0") -> str:
 
 
 def assert_like_docs(name: str, text: str, iface: str) -> None:
-    Path(f"/tmp/status-examples-{name}.txt").write_text(text)  # XXX
     example = doc_examples()[name]
     lines = text.rstrip("\n").splitlines()
     assert [shape(x, iface) for x in lines] == [shape(x) for x in example], (
