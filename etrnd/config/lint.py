@@ -126,9 +126,11 @@ def _control_socket(config: Config) -> Iterator[str]:
     if (isinstance(made, list) and directory.parent == Path("/run")
             and directory.name in made):
         return  # the unit's RuntimeDirectory= makes it when the service starts
+    if isinstance(made, list):
+        made = f"{UNIT} has " + (f"RuntimeDirectory={' '.join(made)}" if made else "none")
     yield (f"control.socket: directory {directory} does not exist: run fails to create the "
            f"socket unless it is made first (a unit's RuntimeDirectory={directory.name} "
-           f"does; {made if isinstance(made, str) else f'{UNIT} has none'})")
+           f"does; {made})")
 
 
 __all__ = ["is_placeholder", "warnings"]

@@ -231,7 +231,17 @@ def test_password_file_only_root_can_read(clean: Path, open_dir: Path) -> None:
     assert warned(check(clean)) == []
 
 
-@pytest.mark.parametrize("command", ["run", "check-config", "send", "trigger", "status"])
+def commands() -> list[str]:
+    """Every subcommand the parser has (a new one must say its exit codes too)."""
+    import argparse
+
+    from etrnd.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+@pytest.mark.parametrize("command", commands())
 def test_help_says_what_and_exit_codes(command: str) -> None:
     res = subprocess.run([sys.executable, "-m", "etrnd", command, "--help"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)

@@ -222,6 +222,27 @@ def test_check_config_from_a_shell_checks_the_credential_where_the_unit_loads_it
             "/etc/etrnd/isp.secret: cannot read: No such file or directory") in res.stderr
 
 
+def test_check_config_knows_the_unit_makes_the_socket_directory(gw: Gateway) -> None:
+    # Stopped, the unit's RuntimeDirectory=etrnd is gone: check-config asks systemd, learns
+    # the unit makes it at start, and does not warn; a directory no unit makes is a warning.
+    other = "sed 's|/run/etrnd/control.sock|/run/etrnd-nowhere/control.sock|' " \
+            "/etc/etrnd/etrnd.yaml > /root/other.yaml && etrnd check-config -c /root/other.yaml"
+    try:
+        gw.box.run("systemctl stop etrnd && test ! -e /run/etrnd")
+        res = gw.box.run("etrnd check-config")
+        assert res.returncode == 0 and "control.socket" not in res.stderr, res
+        res = gw.box.run(other)
+        assert res.returncode == 0, res
+        assert ("control.socket: directory /run/etrnd-nowhere does not exist: run fails to "
+                "create the socket unless it is made first (a unit's "
+                "RuntimeDirectory=etrnd-nowhere does; etrnd.service has RuntimeDirectory=etrnd)"
+                ) in res.stderr, res.stderr
+    finally:
+        gw.box.run("systemctl start etrnd")
+        wait_for(lambda: gw.status_text().startswith("link down;"), 30,
+                 f"the restarted service to wait for the link (is {gw.status_text()!r})")
+
+
 def test_wan_up_sends_etrn_with_auth_over_tls(gw: Gateway) -> None:
     gw.wan(up=True)
     etrns = gw.relay.wait_etrns(3)
