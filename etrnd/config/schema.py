@@ -36,6 +36,7 @@ from etrnd.config.values import (
     no_blank_or_control,
     parse_deliver_to,
     parse_duration,
+    parse_size,
 )
 from etrnd.config.yamlsource import Document
 
@@ -58,6 +59,7 @@ def _local_mta_shorthand(value: object) -> object:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 EtrnArgument = Annotated[str, AfterValidator(check_etrn_argument)]
 HostName = Annotated[str, AfterValidator(check_hostname)]
 ServerName = Annotated[str, AfterValidator(check_server)]  # connect() takes no [literal]
@@ -168,6 +170,11 @@ class Relay(_Model):
     deliver_to: DeliverTarget | None = Field(default=None, description=(
         "ODMR only: the office MTA that takes the mail, `HOST:PORT` (SMTP), `lmtp:HOST:PORT` or "
         "`lmtp:/path/to/socket` (LMTP). Default: 127.0.0.1:25."))
+    max_message_size: Size | None = Field(default=None, description=(
+        "ODMR only: the largest message taken from the provider, in octets (or 25M, 50MiB); "
+        "advertised to it as SIZE (RFC 1870); a larger one is refused with 552. Default: the "
+        "office MTA's own EHLO SIZE, or no limit when it has none. DATA is streamed to the "
+        "office MTA, so this is not a memory bound."))
     source: Annotated[str, AfterValidator(check_source)] = Field(default="auto", description=(
         "The address to send from. `auto`: the watched interface's address when the kernel "
         "routes packets from it through that interface, else the kernel's choice. `kernel`: "
@@ -194,6 +201,8 @@ class Relay(_Model):
             raise ValueError("give exactly one of host or hosts")
         if self.protocol == "etrn" and self.deliver_to is not None:
             raise ValueError("deliver_to only applies with protocol: odmr")
+        if self.protocol == "etrn" and self.max_message_size is not None:
+            raise ValueError("max_message_size only applies with protocol: odmr")
         if self.protocol == "odmr" and self.auth is None:
             raise ValueError("protocol: odmr needs auth (RFC 2645: ATRN only after AUTH)")
         # ODMR without TLS may still AUTH with CRAM-MD5, which never sends the password.

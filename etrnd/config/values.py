@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^(\d+)\s*(?:([kKMG])(i)?B?)?$")
+_SIZE_UNIT = {"k": 1, "K": 1, "M": 2, "G": 3}
 # RFC 1985 arguments: node, @domain or #queue. The character set is deliberately narrow:
 # anything outside it is a typo or an injection attempt, and it goes on the wire verbatim.
 _ETRN_BODY = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -37,6 +39,25 @@ def parse_duration(value: object) -> float:
     if seconds < 0 or seconds != seconds or seconds == float("inf"):
         raise ValueError("a duration must be a finite number >= 0")
     return seconds
+
+
+def parse_size(value: object) -> int:
+    """Octets from a plain number or `500k`, `25M`, `1G` (powers of 1000; `Ki`, `Mi`, `Gi`
+    for powers of 1024; a trailing `B` is allowed). Must be at least 1."""
+    problem = f"{value!r} is not a size in octets (use e.g. 10000000, 25M, 50MiB)"
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(problem)
+    if isinstance(value, int):
+        octets = value
+    else:
+        match = _SIZE.match(value.strip())
+        if match is None:
+            raise ValueError(problem)
+        number, unit, binary = match.groups()
+        octets = int(number) * ((1024 if binary else 1000) ** _SIZE_UNIT[unit] if unit else 1)
+    if octets < 1:
+        raise ValueError("a size must be at least 1 octet")
+    return octets
 
 
 def no_blank_or_control(value: str) -> str:

@@ -95,3 +95,22 @@ def test_check_config_and_send_cli(tmp_path: Path, pw: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "etrnd", "send", "-c", str(path), "@a.test"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "ATRN takes domain names" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("text", "octets"), [
+    ("10000000", 10_000_000), ("25M", 25_000_000), ("50MiB", 50 * 1024 * 1024),
+    ("100k", 100_000), ("1G", 10**9), ("64 KiB", 64 * 1024)])
+def test_max_message_size(pw: Path, text: str, octets: int) -> None:
+    relay = parse_yaml(odmr(pw, f"    max_message_size: {text}\n")).relays[0]
+    assert relay.max_message_size == octets
+    assert parse_yaml(odmr(pw)).relays[0].max_message_size is None  # the office MTA's SIZE
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "10 MBytes", "1.5M", "true", "ten"])
+def test_bad_max_message_size(pw: Path, bad: str) -> None:
+    found = problems(odmr(pw, f"    max_message_size: {bad}\n"))
+    key = "relays[provider.example].max_message_size: "
+    assert len(found) == 1 and found[0].startswith(key), found
+    found = problems("relays:\n  - host: etrn.example\n    etrn: [a.test]\n"
+                     "    max_message_size: 10M\n")
+    assert found == ["relays[etrn.example]: max_message_size only applies with protocol: odmr"]

@@ -66,6 +66,19 @@ class Exim:
         self.exim("-odq", "-bS", stdin="".join(batch) + "QUIT\r\n")
         assert self.queue_count() == before + len(recipients), self.log()[-2000:]
 
+    def enqueue_message(self, rcpt: str, message: str, sender: str = "sender@isp.test",
+                        timeout: float = 120) -> None:
+        """Queue one message given whole (header, blank line, body; CRLF line ends)."""
+        stuffed = "".join("." + line if line.startswith(".") else line
+                          for line in message.splitlines(keepends=True))
+        before = self.queue_count()
+        cmd = ["nsenter", "-t", str(self.proc.pid), "-m", "-n", "chroot", str(self.view),
+               "/usr/sbin/exim4", "-C", CONF, "-odq", "-bS"]
+        subprocess.run(cmd, input=f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n"
+                       f"{stuffed}.\r\nQUIT\r\n", capture_output=True, text=True,
+                       timeout=timeout, check=True)
+        assert self.queue_count() == before + 1, self.log()[-2000:]
+
     def queue_count(self) -> int:
         """`exim -bpc`: messages still in the provider's queue."""
         return int(self.exim("-bpc").stdout.strip())

@@ -8,11 +8,18 @@ with 250 and then, as the provider does, becomes the SMTP client on the same con
 Each session takes the next ACTION (the last one repeats):
 
 - `stall:K`: deliver up to K messages, then say nothing until the customer hangs up;
-- `quit`: deliver everything still queued, then QUIT.
+- `quit`: deliver everything still queued, then QUIT;
+- `die:N`: MAIL, RCPT, DATA for the first message, N octets of its body, then close the
+  connection without the final dot (the provider's leg dying mid-DATA);
+- `longline` / `big:N`: the first message carries a 3000-octet line / is N octets long; each
+  next MAIL follows the reply to DATA at once, without RSET (as smtplib, and RFC 5321 allow).
+
+Message bodies hold lines starting with a dot (so dot-stuffing is exercised), and a
+`Received: ... id prov<N>` header naming the provider's queue ID.
 
 A message leaves the queue only when the customer answered 250 to its end of DATA.
 Prints `READY`, then one line per event: `SESSION n`, `ATRN arg`, `SENT rcpt code`,
-`STALL`, `HUNG_UP_AFTER seconds`, `QUIT`.
+`STALL`, `HUNG_UP_AFTER seconds`, `DIED`, `QUIT`.
 """
 
 from __future__ import annotations
@@ -114,12 +121,25 @@ class Session(socketserver.StreamRequestHandler):
             return
         client.ehlo()
         budget = int(action.split(":")[1]) if action.startswith("stall:") else len(provider.queue)
-        for rcpt in list(provider.queue)[:budget]:
+        for n, rcpt in enumerate(list(provider.queue)[:budget]):
+            body = message(rcpt, action if n == 0 else "")
+            if action.startswith("die:"):
+                client.mail("sender@isp.test")
+                client.rcpt(rcpt)
+                client.putcmd("data")
+                client.getreply()
+                stuffed = body.replace(b"\r\n.", b"\r\n..")
+                self.request.sendall(stuffed[:int(action.split(":")[1])])
+                self.request.shutdown(socket.SHUT_RDWR)  # no final dot: the leg dies
+                say("DIED")
+                return
             client.mail("sender@isp.test")
             code, _ = client.rcpt(rcpt)
             if code == 250:
-                code, _ = client.data(f"From: sender@isp.test\r\nTo: {rcpt}\r\n"
-                                      f"Subject: scripted\r\n\r\nfor {rcpt}\r\n".encode())
+                try:
+                    code, _ = client.data(body)
+                except smtplib.SMTPDataError as exc:
+                    code = exc.smtp_code
             else:
                 client.rset()
             say("SENT", rcpt, code)
@@ -138,6 +158,22 @@ class Session(socketserver.StreamRequestHandler):
             return
         client.quit()
         say("QUIT")
+
+
+def message(rcpt: str, action: str) -> bytes:
+    """One message for `rcpt`: a 3000-octet line for `longline`, N octets for `big:N`/`die:N`
+    (doubled: `die` stops half-way), else short."""
+    number = rcpt.partition("@")[0].removeprefix("user")
+    head = (f"Received: from office by scripted.provider.test with esmtp id prov{number}; "
+            "Sun, 6 Dec 2026 05:00:00 +0000\r\nFrom: sender@isp.test\r\nTo: {rcpt}\r\n"
+            f"Message-ID: <scripted{number}@isp.test>\r\nSubject: scripted\r\n\r\n"
+            f"for {rcpt}\r\n.leading dot\r\n").replace("{rcpt}", rcpt)
+    if action == "longline":
+        head += "y" * 3000 + "\r\n"
+    size = int(action.split(":")[1]) * (2 if action.startswith("die:") else 1) \
+        if action.startswith(("big:", "die:")) else 0
+    row = "x" * 70 + "\r\n.dot\r\n"
+    return (head + row * (max(size - len(head), 0) // len(row)) + "end\r\n").encode()
 
 
 class Server(socketserver.ThreadingTCPServer):

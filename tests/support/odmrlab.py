@@ -86,7 +86,7 @@ class OdmrLab:
                password: str = PASSWORD, timeout: str = "10s", port: int = 366,
                host: str = ISP_ADDR,
                retry: str = "{first_delay: 200ms, max_delay: 1s, give_up_after: 5s}",
-               extra: str = "") -> Path:
+               extra: str = "", relay_extra: str = "") -> Path:
         """An etrnd config for the office: one ODMR relay at the provider (port 366 and AUTH
         CRAM-MD5 by default: no TLS in the lab, so nothing else may carry the password)."""
         secret = self.workdir / f"{name}.secret"
@@ -100,7 +100,7 @@ class OdmrLab:
             "    tls: none\n    helo: office.example.test\n"
             f"    auth: {{username: {USER}, password_file: {secret}}}\n"
             f"    timeout: {timeout}\n    etrn: {json.dumps(list(domains))}\n"
-            "    deliver_to: 127.0.0.1:25\n"
+            f"    deliver_to: 127.0.0.1:25\n{relay_extra}"
             f"retry: {retry}\n"
             f"control: {{socket: {self.workdir / (name + '.sock')}}}\n"
             f"log: {{level: debug, format: json}}\n{extra}")
@@ -146,6 +146,8 @@ def _office_postfix(ns: Netns, root: Path,
             f"check_recipient_access texthash:{root / 'etc' / 'defer'}",
         # Local delivery must never wait for a retry timer of its own.
         "queue_run_delay": "1s", "minimal_backoff_time": "1s", "maximal_backoff_time": "2s",
+        # The big-message tests send 60 MB (Postfix's default limit is 10240000 octets).
+        "message_size_limit": "100000000", "virtual_mailbox_limit": "0",
     })
 
 

@@ -146,7 +146,8 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
     local = LocalMta(relay.effective_deliver_to, helo, relay.timeout, log.bind(leg="local"))
     got = await turnaround.receive(smtp.transport, local, hostname=helo,
                                    idle_timeout=relay.timeout, log=log,
-                                   transcript=smtp.transcript, live=live, relay=relay.label)
+                                   transcript=smtp.transcript, live=live, relay=relay.label,
+                                   max_message_size=relay.max_message_size)
     result.messages.add(got.messages)
     elapsed_ms = (time.monotonic() - started) * 1000
     verdict = _after_turnaround(got, elapsed_ms)
