@@ -153,6 +153,9 @@ FILES = [
     ("/etc/etrnd/etrnd.yaml", "The configuration; see etrnd.yaml(5)."),
     ("/run/etrnd/control.sock", "The control socket of `etrnd status` and `etrnd trigger` "
                                 "(control.socket in the configuration)."),
+    ("/var/lib/etrnd/state.json", "Each relay's last success and failure, so that `etrnd status` "
+                                  "still knows them after a restart ($STATE_DIRECTORY; the "
+                                  "unit's StateDirectory=). Without it nothing is kept."),
     ("/etc/systemd/system/etrnd.service", "The systemd unit; it hands the relay's password "
                                           "over with LoadCredential=."),
 ]
@@ -164,6 +167,8 @@ ENVIRONMENT = [
                               "/run/secrets)."),
     ("NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID", "systemd's notify protocol: READY=1, "
                                                    "STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1."),
+    ("STATE_DIRECTORY", "Where the state file is kept (systemd sets it for StateDirectory=; "
+                        "the image sets /var/lib/etrnd)."),
     ("JOURNAL_STREAM", "With log.format auto, log to the journal natively when standard "
                        "error is the journal stream systemd set up."),
     ("SSL_CERT_FILE, SSL_CERT_DIR", "Trust store for verifying relays' certificates."),
