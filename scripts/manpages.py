@@ -292,6 +292,7 @@ def _unwrap(annotation: Any) -> tuple[Any, set[str], list[Any]]:
 # What a value must look like, by the function that checks it (etrnd/config/values.py).
 VALUE_KINDS = {
     "parse_duration": "duration",
+    "parse_size": "size in octets",
     "check_ifname": "interface name or glob",
     "check_hostname": "host name",
     "check_server": "host name or address",
