@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from etrnd import __version__
@@ -78,10 +78,11 @@ class _Metrics:
         self.replies = prom.Counter(
             "etrnd_replies", "Replies to ETRN/ATRN commands, by relay, command and reply "
             "code class (2xx, 4xx, 5xx).", ["relay", "command", "class"], registry=reg)
-        self.last_success = prom.Gauge(
-            "etrnd_last_success_timestamp_seconds", "Unix time of the relay's last accepting "
-            "reply to ETRN/ATRN (250-253; ODMR 250 or 453), since the daemon started.",
-            ["relay"], registry=reg)
+        self.failures = prom.Counter(
+            "etrnd_attempt_failures", "Attempts that ended before every argument was "
+            "answered, by relay and cause (as etrnd status words it): refused, timeout, dns, "
+            "connect, tls, auth, auth_without_tls, setup, disconnected, protocol, reply (the "
+            "server refused, e.g. 502), other.", ["relay", "cause"], registry=reg)
         self.odmr_messages = prom.Counter(
             "etrnd_odmr_messages", "ODMR messages taken over the provider's connection, by "
             "outcome: relayed (the office MTA took it), refused (5xx), deferred (4xx or not "
@@ -121,8 +122,6 @@ class _Metrics:
         if verdict.code is None:
             return  # not a reply: the argument was never sent, or the session failed
         self.replies.labels(relay, command, f"{verdict.code // 100}xx").inc()
-        if verdict.outcome == "accepted":
-            self.last_success.labels(relay).set(time.time())
         if self._link_up_at is not None and relay not in self._answered:
             self._answered.add(relay)
             self.link_to_etrn.labels(relay).observe(time.monotonic() - self._link_up_at)
@@ -137,6 +136,30 @@ class _Metrics:
         else:
             result = "accepted"
         self.rounds.labels(relay, result).inc()
+
+
+LastSuccess = Callable[[], Mapping[str, float | None]]
+
+
+def _last_success_collector(registry: CollectorRegistry, source: LastSuccess) -> None:
+    """etrnd_last_success_timestamp_seconds, read at each scrape from the relays' histories
+    (what `etrnd status` shows, kept through restarts in the state file): no copy to keep
+    in step, and nothing done when no one scrapes."""
+    from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    class LastSuccessCollector(Collector):
+        def collect(self) -> Iterable[Metric]:
+            family = GaugeMetricFamily(
+                "etrnd_last_success_timestamp_seconds", "Unix time of the relay's last "
+                "accepting reply to ETRN/ATRN (250-253; ODMR 250 or 453), kept through "
+                "restarts with the state file; absent while there was none.", labels=["relay"])
+            for relay, when in sorted(source().items()):
+                if when is not None:
+                    family.add_metric([relay], when)
+            yield family
+
+    registry.register(LastSuccessCollector())
 
 
 def _process_collector(registry: CollectorRegistry) -> None:
@@ -180,6 +203,12 @@ def odmr_message(relay: str, outcome: str) -> None:
         _metrics.odmr_messages.labels(relay, outcome).inc()
 
 
+def attempt_failed(relay: str, cause: str) -> None:
+    """An attempt ended early; `cause` is service.history.cause's kind (refused, tls, ...)."""
+    if _metrics is not None:
+        _metrics.failures.labels(relay, cause).inc()
+
+
 def link(kind: str, at: float, initial: bool) -> None:
     """A link decision (link.watcher.Decision's kind, monotonic time, state at start)."""
     if _metrics is not None and kind in ("up", "down"):
@@ -192,9 +221,10 @@ def stall() -> None:
 
 
 # --- the listener ------------------------------------------------------------------------
-async def serve(config: Config, link_up: bool) -> None:
+async def serve(config: Config, link_up: bool, last_success: LastSuccess) -> None:
     """Make the listener match `config.metrics`: start, move or stop it (at start and reload).
-    `link_up`: the link's state now, for metrics that a reload turns on while it is up.
+    `link_up`: the link's state now, for metrics that a reload turns on while it is up;
+    `last_success`: each relay's last accepted reply (wall clock), read at each scrape.
 
     The first time metrics are configured this imports prometheus_client (~0.1 s, once).
     A listen address that cannot be bound is logged (metrics_listen_failed, with the reason)
@@ -205,6 +235,7 @@ async def serve(config: Config, link_up: bool) -> None:
     if wanted is not None and _metrics is None:
         _metrics = _Metrics()
         _metrics.link_up.set(1 if link_up else 0)
+        _last_success_collector(_metrics.registry, last_success)
     if _metrics is not None:
         _metrics.relays(r.label for r in config.relays)
     if wanted == _listen and (_server is not None or wanted is None):

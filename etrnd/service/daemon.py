@@ -109,7 +109,8 @@ class Daemon:
         self._warm_up()
         self._control = ControlServer(self.config.control.socket, self.handle_request)
         await self._control.start()
-        await metrics.serve(self.config, link_up=False)  # the watcher starts after this
+        # link_up: the watcher starts after this, and tells.
+        await metrics.serve(self.config, link_up=False, last_success=self._last_successes)
         try:
             self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
             await self._watcher.start()
@@ -454,7 +455,8 @@ class Daemon:
             self._watcher.reconfigure(new.watch)
         if new.repeat != old.repeat:
             self._restart_repeat()
-        await metrics.serve(new, link_up=self._watcher is not None and self._watcher.up)
+        await metrics.serve(new, link_up=self._watcher is not None and self._watcher.up,
+                            last_success=self._last_successes)
         added = sorted(kept.keys() - before.keys())
         changed = sorted(gone & kept.keys())
         log.info("config_reloaded", config=str(self.path),
@@ -518,6 +520,12 @@ class Daemon:
 
     def _publish(self) -> None:
         self.notifier.status(self.summary())
+
+    def _last_successes(self) -> dict[str, float | None]:
+        """For metrics: each relay's last accepted reply (wall clock), as status shows it."""
+        marks = {r.label: (st.history.last_success if (st := self._status.get(r.label))
+                           else None) for r in self.config.relays}
+        return {label: mark.when if mark else None for label, mark in marks.items()}
 
     def _histories(self) -> tuple[dict[str, RelayHistory], dict[str, tuple[str, ...]]]:
         """For the state file: every relay's history and its configured arguments."""

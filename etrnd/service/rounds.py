@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Any
 
 from etrnd.config.schema import Relay, Retry
+from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.choose import attempt_for
 from etrnd.protocols.replies import Outcome, Verdict
@@ -198,6 +199,7 @@ def _remember(relay: Relay, history: RelayHistory, todo: list[str], result: Atte
     if result.stop is not None:
         kind, text = cause(result.stop, result.host, port)
         stop = Mark(now, kind, text, result.stop.code, result.host)
+        metrics.attempt_failed(relay.label, kind)
     good: list[Mark] = []
     bad: list[Mark] = [stop] if stop is not None else []
     for arg in todo:

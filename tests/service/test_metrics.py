@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import sys
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from etrnd.config.schema import parse_yaml
-from tests.support.daemonproc import ROOT, Daemon, running, wait_for
+from tests.support.daemonproc import ROOT, Daemon, ScriptServer, running, wait_for
 from tests.support.nettools import netns
 from tests.support.postfix import ISP_ADDR, IspOffice, isp_and_office
 from tests.support.promlab import prometheus, promtool, sample
@@ -156,6 +157,32 @@ def test_metrics_a_reload_turns_on_see_the_link_already_up(tmp_path: Path) -> No
         assert sample(body, "etrnd_link_transitions_total", to="up") is None  # none since
 
 
+def test_last_success_survives_a_restart_and_failures_name_their_cause(tmp_path: Path) -> None:
+    relay_port, metrics_port = free_port(), free_port()
+    (tmp_path / "state").mkdir()
+    env = {**os.environ, "STATE_DIRECTORY": str(tmp_path / "state")}
+    config = idle_config(tmp_path, f'metrics: {{listen: "127.0.0.1:{metrics_port}"}}\n'
+                         "retry: {first_delay: 200ms, max_delay: 1s}\n",
+                         watch="{interfaces: [lo], up_when: carrier, settle: 0s}")
+    config.write_text(config.read_text().replace("port: 2,", f"port: {relay_port}, tls: none,"))
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    server = ScriptServer(None, relay_port, "250")
+    try:
+        with running(config, tmp_path / "first.log", env=env) as daemon:
+            daemon.wait_event("round_done")
+            first = sample(get(url)[2], "etrnd_last_success_timestamp_seconds", relay="isp")
+            assert first is not None and abs(first - time.time()) < 60
+    finally:
+        server.close()
+    # The relay is gone: after the restart the link-up round finds nothing listening.
+    with running(config, tmp_path / "second.log", env=env) as daemon:
+        daemon.wait_event("etrn_retry")
+        body = get(url)[2]
+        assert sample(body, "etrnd_last_success_timestamp_seconds", relay="isp") == first
+        failures = sample(body, "etrnd_attempt_failures_total", relay="isp", cause="refused")
+        assert failures is not None and failures >= 1, body
+
+
 # --- the real thing: Postfix at the ISP, Prometheus beside etrnd ---------------------------
 def docs_scrape_config() -> str:
     """docs/metrics.md's prometheus.yml, scraping every second instead of every 15 s."""
@@ -246,7 +273,7 @@ async def test_odmr_messages_and_atrn_replies_are_counted(tmp_path: Path) -> Non
               for o in ("relayed", "deferred", "refused")]
     series.append(("etrnd_replies_total", {"relay": "isp", "command": "ATRN", "class": "2xx"}))
     await metrics.serve(parse_yaml(RELAY + f"metrics: {{listen: 127.0.0.1:{free_port()}}}\n"),
-                        link_up=False)
+                        link_up=False, last_success=dict)
     try:
         before = counts(*series)
         async with serving(provider, office) as (port, office_port):
@@ -275,7 +302,7 @@ def test_a_real_stall_is_counted(tmp_path: Path) -> None:
     Daemon(tmp_path / "etrnd.yaml", config, stalls=detector)  # wires on_stall
 
     async def main() -> list[float]:
-        await metrics.serve(config, link_up=False)
+        await metrics.serve(config, link_up=False, last_success=dict)
         try:
             [before] = counts(("etrnd_event_loop_stalls_total", {}))
             time.sleep(0.1)  # noqa: ASYNC251 - a blocking call on the loop: what is detected
