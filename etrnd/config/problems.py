@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import typing
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from etrnd.config.yamlsource import Document, Loc, Place
 
@@ -57,8 +59,10 @@ def _data_loc(loc: tuple[int | str, ...]) -> Loc:
     return tuple(p for p in loc if not (isinstance(p, str) and "[" in p))
 
 
-def problems(exc: ValidationError, doc: Document | None, data: object) -> Iterator[str]:
-    """One `key.path: reason` line per error, relays named by name, the value echoed."""
+def problems(exc: ValidationError, doc: Document | None, data: object,
+             model: type[BaseModel] | None = None) -> Iterator[str]:
+    """One `key.path: reason` line per error, relays named by name, the value echoed; an
+    unknown key gets the nearest key of `model` (the schema) at that place, if any."""
     names = relay_names(data)
     errors = exc.errors(include_url=False)
     locs = [_data_loc(err["loc"]) for err in errors]
@@ -68,12 +72,51 @@ def problems(exc: ValidationError, doc: Document | None, data: object) -> Iterat
             continue
         place = doc.place(loc) if doc is not None else None
         reason = _reason(err, loc, place)
+        if err["type"] == "extra_forbidden" and model is not None and loc:
+            near = nearest_key(model, loc)
+            reason += f"; did you mean {near}?" if near else ""
         if err.get("input") is None and place is not None and doc is not None:
             word = doc.comment_on(place.line)
             if word is not None:
                 reason += (f" ('#' starts a comment, so YAML read nothing here; "
                            f"quote it: \"{word}\")")
         yield f"{key_path(loc, names)}: {reason}"
+
+
+def nearest_key(model: type[BaseModel], loc: Loc) -> str | None:
+    """The key meant by the unknown last key of `loc`: a close spelling at that place
+    (`relay` -> `relays`), or the same key one level down (`username` -> `auth.username`)."""
+    parent = _model_at(model, loc[:-1])
+    if parent is None:
+        return None
+    wrong = str(loc[-1])
+    close = difflib.get_close_matches(wrong, list(parent.model_fields), n=1, cutoff=0.75)
+    if close:
+        return close[0]
+    for name, info in parent.model_fields.items():
+        for child in _models_in(info.annotation):
+            if wrong in child.model_fields:
+                return f"{name}.{wrong}"
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
+    current = model
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list: the list's model
+        info = current.model_fields.get(part)
+        found = _models_in(info.annotation) if info is not None else []
+        if not found:
+            return None
+        current = found[0]
+    return current
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def _shown(value: object, place: Place | None) -> str:

@@ -384,7 +384,7 @@ def parse_config(data: object, *, defer_credentials: bool = False,
     try:
         return Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
-        raise ConfigError(list(problems(exc, document, data))) from None
+        raise ConfigError(list(problems(exc, document, data, Config))) from None
 
 
 def parse_yaml(text: str, source: str = "<config>", *,

@@ -103,6 +103,11 @@ BOOLEANS = "unquoted yes/no/on/off/true/false are booleans"
                  f"relays[mail.isp.test].tls: YAML read no as false ({BOOLEANS}); write one "
                  "of 'none', 'opportunistic', 'starttls' or 'implicit'\n"
                  "relays[b].port: should be a whole number, not 'x'", id="named-by-label"),
+    pytest.param("relays:\n  - name: isp\n    host: 127.0.0.1\n    username: office\n"
+                 "    tiemout: 5s\n    etrn: ['@a.test']\nretry: {first_dealy: 1s}\n",
+                 "relays[isp].username: unknown key; did you mean auth.username?\n"
+                 "relays[isp].tiemout: unknown key; did you mean timeout?\n"
+                 "retry.first_dealy: unknown key; did you mean first_delay?", id="unknown-keys"),
     pytest.param("relays:\n  - {name: a, host: h.test, etrn: [x], tls: 1}\n"
                  "  - {name: a, host: h.test, etrn: [x]}\n",
                  "relays.0.tls: YAML read 1 as a number; write one of 'none', 'opportunistic', "
