@@ -289,6 +289,8 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
             ConnectionError):
         pass  # a scraper that gave up or never spoke: nothing to answer, nothing to log
+    except Exception as exc:  # a bug (a collector's?) costs this scrape, not the daemon
+        log.error("metrics_scrape_failed", error=f"{type(exc).__name__}: {exc}"[:300])
     finally:
         writer.close()
         with contextlib.suppress(Exception):

@@ -113,6 +113,22 @@ def test_metrics_on_add_no_idle_wakeups(tmp_path: Path) -> None:
             assert wakeups(pid) - before == 0
 
 
+def test_bad_clients_cannot_hold_the_listener(tmp_path: Path) -> None:
+    port = free_port()
+    config = idle_config(tmp_path, f'metrics: {{listen: "127.0.0.1:{port}"}}\n')
+    with running(config, tmp_path / "log") as daemon, \
+            socket.create_connection(("127.0.0.1", port)) as silent, \
+            socket.create_connection(("127.0.0.1", port)) as flood:
+        flood.sendall(b"GET /" + b"a" * 10000)  # no end of the request head in sight
+        flood.settimeout(10)
+        assert flood.recv(100) == b""  # dropped at once
+        silent.sendall(b"GET /metrics HTTP/1.1\r\n")  # ... and never the blank line
+        status, _, body = get(f"http://127.0.0.1:{port}/metrics")  # others are served
+        assert status == 200 and sample(body, "etrnd_link_up") == 0
+        assert get(f"http://127.0.0.1:{port}/metrics?x=1")[0] == 200
+        assert daemon.events("metrics_scrape_failed") == []
+
+
 def test_a_port_in_use_is_logged_and_the_daemon_carries_on(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
