@@ -32,10 +32,11 @@ class Watcher:
 
     def __init__(self, ns: Netns, *args: str, wrap: tuple[str, ...] = (),
                  python: tuple[str, ...] = (sys.executable,),
-                 env: dict[str, str] | None = None) -> None:
-        self.proc = ns.popen(*wrap, *python, "-m", "etrnd.link.watcher", "--verbose",
-                             # Downs at once unless a test says otherwise (argparse: last wins).
-                             "--down-hold", "0", *args,
+                 env: dict[str, str] | None = None, down_hold: str | None = "0") -> None:
+        # Downs at once unless a test says otherwise; None: the product's default.
+        hold = ("--down-hold", down_hold) if down_hold is not None else ()
+        self.proc = ns.popen(*wrap, *python, "-m", "etrnd.link.watcher", "--verbose", *hold,
+                             *args,
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         self.lines: list[str] = []
         self._q: queue.Queue[tuple[float, str] | None] = queue.Queue()
