@@ -6,7 +6,9 @@ veth interfaces; the expected decision and its `why` are written in the test.
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -155,3 +157,40 @@ with IPRoute() as ipr:
     idx = ipr.link_lookup(ifname=sys.argv[1])[0]
     ipr.link('set', index=idx, IFLA_OPERSTATE='UP')
 """
+
+
+# --- 4. down_hold (issue 18) ------------------------------------------------------------------
+def test_route_blip_is_held_and_a_real_down_is_dated_from_its_start(ns: Netns) -> None:
+    wan, _ = wan_up(ns)
+    ip(ns, "addr", "add", "203.0.113.3/24", "dev", wan)
+    ip(ns, "route", "add", "default", "via", "203.0.113.1", "dev", wan)
+    w = Watcher(ns, "--interfaces", wan, "--family", "ipv4", "--settle", "0",
+                "--min-interval", "0", "--log-level", "debug", down_hold="2s")
+    w.ready("up")
+    w.next(r"event=round\b")
+    # A gateway change as dhcpcd and udhcpc's script make it: delete, then add.
+    batch = "route del default via 203.0.113.1\nroute add default via 203.0.113.9\n"
+    sh_batch(ns, batch)
+    _, blip = w.next(r"\blink_blip\b")
+    assert float(blip["duration_ms"]) < 2000, blip
+    assert blip["why"].endswith("but no ipv4 default route"), blip
+    assert any("event=state up=true" in line and "via 203.0.113.9" in line
+               for line in w.lines), w.lines
+    # A real down: acted on once the hold is over, and dated from when it began.
+    deleted = time.monotonic()
+    ip(ns, "route", "del", "default")
+    arrived, _ = w.next(r"event=down\b", 6)
+    assert 1.9 <= arrived - deleted <= 4, arrived - deleted
+    logged = [line for line in w.lines if " link_down " in line and "held_ms=" in line]
+    assert logged, w.lines
+    # An up is acted on at once, hold or not.
+    ip(ns, "route", "add", "default", "via", "203.0.113.1", "dev", wan)
+    w.next(r"event=up\b")
+    w.next(r"event=round\b")
+    assert not [line for line in w.lines if "event=down" in line][1:], w.lines
+    assert sum("event=round" in line for line in w.lines) == 2, w.lines
+
+
+def sh_batch(ns: Netns, batch: str) -> None:
+    subprocess.run(["ip", "-n", ns.name, "-batch", "-"], input=batch, text=True, check=True,
+                   timeout=10)

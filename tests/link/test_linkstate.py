@@ -217,3 +217,42 @@ def test_route_by_nexthop_id_follows_the_nexthop() -> None:
     assert s.verdict().why == "wan0: carrier up, 198.51.100.2/24, default via 198.51.100.1"
     s.apply(NexthopEvent(6, deleted=True))
     assert not s.verdict().up
+
+
+# --- issue 18: deprecated addresses, route lifetimes ---------------------------------------
+def test_deprecated_address_counts_and_why_says_so() -> None:
+    s = LinkState(["wan0"], "default-route", "ipv4")
+    s.apply(snap(link(2, "wan0"), addr(2, "198.51.100.2", flags=IFA_F_DEPRECATED), route(2)))
+    v = s.verdict()
+    assert v.up and v.why == ("wan0: carrier up, 198.51.100.2/24 (deprecated), "
+                              "default via 198.51.100.1")
+    # A preferred address is named first; the deprecated one is still a source.
+    s.apply(addr(2, "198.51.100.3"))
+    assert "198.51.100.3/24, default" in s.verdict().why
+    assert s.addresses("wan0", V4) == ["198.51.100.3", "198.51.100.2"]
+    s.apply(addr(2, "198.51.100.3", deleted=True))
+    s.apply(addr(2, "198.51.100.2", flags=IFA_F_DEPRECATED, deleted=True))  # valid_lft ran out
+    assert s.verdict().why == "wan0: no global ipv4 address"
+
+
+def ra(index: int, expires: float | None, deleted: bool = False) -> RouteEvent:
+    return RouteEvent(V6, (index,), "fe80::1", 254, 1024, deleted, expires=expires)
+
+
+def test_route_lifetime_is_tracked_refreshed_and_expired() -> None:
+    s = LinkState(["wan0"], "default-route", "ipv6")
+    s.apply(snap(link(2, "wan0"), link(3, "lan0"),
+                 addr(2, "2001:db8::2", 64, V6), ra(2, 106.0), ra(3, 50.0)))
+    assert s.verdict().up
+    assert s.next_expiry() == (106.0, 2, V6)  # lan0 is not watched: its route has no timer
+    assert s.expired(105.9) == set()
+    # A later RA moves the expiry (learnt by re-reading the route at the old deadline).
+    s.apply(DefaultRoutes(2, V6, (ra(2, 112.0),)))
+    assert s.next_expiry() == (112.0, 2, V6)
+    assert s.expired(112.0) == {(2, V6)}
+    s.drop_expired(112.0)
+    assert not s.verdict().up and s.verdict().why.endswith("but no ipv6 default route")
+    assert s.next_expiry() is None
+    # A static route (no expiry) never arms a timer.
+    s.apply(RouteEvent(V6, (2,), "fe80::1", 254, 1024))
+    assert s.verdict().up and s.next_expiry() is None
