@@ -31,6 +31,12 @@ command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 # tests/deploy/test_manpages.py: the man pages render with `man -l` and `groff -ww` finds no warning.
 command -v man >/dev/null || need+=(man-db)
 command -v groff >/dev/null || need+=(groff-base)
+# tests/link/test_wan_clients.py: the real WAN clients (the -base packages start no service).
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v dhclient >/dev/null || need+=(isc-dhcp-client)
+command -v dhcpcd >/dev/null || need+=(dhcpcd-base)
+command -v udhcpc >/dev/null || need+=(udhcpc)
+command -v radvd >/dev/null || need+=(radvd)
 if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq

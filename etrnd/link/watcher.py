@@ -298,7 +298,9 @@ class LinkWatcher:
             due.append(self._clock() + REVIVE_POLL)
         at = min(due) if due else None
         if self._expiry_timer is not None:
-            if self._expiry_timer[0] == at:
+            # An earlier timer stays: a revival poll must not be pushed back by every event
+            # (an early wake-up re-reads nothing that has not run out, and re-arms).
+            if at is not None and self._expiry_timer[0] <= at:
                 return
             self._expiry_timer[1].cancel()
             self._expiry_timer = None
