@@ -99,6 +99,9 @@ class AttemptResult:
     stop: Verdict | None = None
     host: str | None = None  # the host that was tried last
     messages: Messages = field(default_factory=Messages)
+    # ODMR: per argument, the keys (message_key) of what the office MTA deferred in the
+    # turnarounds that served it, so the round can keep it open until they come back.
+    owed: dict[str, set[str]] = field(default_factory=dict)
 
 
 class SendAttempt(Protocol):

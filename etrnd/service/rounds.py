@@ -142,6 +142,10 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
     status.args = {a: ArgStatus(a) for a in wanted}
     status.ended = None
     todo = list(wanted)
+    # ODMR: what the office MTA deferred per argument this round, and everything relayed
+    # since (message keys): an earlier attempt's deferral is not undone by a later clean one.
+    owed: dict[str, set[str]] = {}
+    relayed: set[str] = set()
 
     def on_host(host: str) -> None:
         status.host = host
@@ -158,6 +162,10 @@ async def run_round(relay: Relay, retry: Retry, args: Sequence[str] | None = Non
                 status.args[arg].attempts += 1
             result = await send(relay, todo, attempt=status.attempts, on_host=on_host,
                                 on_reply=on_reply, messages=status.messages)
+            for arg, keys in result.owed.items():
+                owed.setdefault(arg, set()).update(keys)
+            relayed |= status.messages.relayed_ids | result.messages.relayed_ids
+            _left_behind(result, owed, relayed)
             _remember(relay, status.history, todo, result, wall(), log)
             todo, reason = _settle(status, todo, result, wall())
             if not todo:
@@ -218,6 +226,19 @@ def _remember(relay: Relay, history: RelayHistory, todo: list[str], result: Atte
     if history.note_streak([v for a, v in result.replies.items() if a in todo]):
         log.warning("etrn_probable_refusal", reply=history.streak_reply,
                     times=history.streak, check=history.hint)
+
+
+def _left_behind(result: AttemptResult, owed: dict[str, set[str]], relayed: set[str]) -> None:
+    """An argument the provider answered is not done while a message the office MTA deferred
+    in one of its turnarounds this round has not been relayed since (ODMR: the provider holds
+    it until its own retry time, and an ATRN before then looks clean): transient instead."""
+    for arg, verdict in list(result.replies.items()):
+        left = owed.get(arg, set()) - relayed
+        if left and verdict.outcome is Outcome.ACCEPTED:
+            result.replies[arg] = Verdict(
+                Outcome.TRANSIENT, 451,
+                f"{len(left)} message(s) the office MTA deferred this round are still at the "
+                "provider (offered again after its retry time)", error="LeftBehind")
 
 
 def _settle(status: RelayStatus, todo: list[str], result: AttemptResult,

@@ -67,9 +67,11 @@ def test_send_after_wan_up_delivers_every_message_into_postfix(lab: OdmrLab) -> 
     res = lab.etrnd("send", "-c", str(config))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"{N} relayed, 0 refused, 0 deferred" in res.stdout
-    done = events(res.stderr, "odmr_done")
-    assert [(d["relayed"], d["refused"], d["deferred"], d["ended"]) for d in done] == [
-        (N, 0, 0, "quit")]
+    done = [(d["relayed"], d["refused"], d["deferred"], d["ended"])
+            for d in events(res.stderr, "odmr_done")]
+    # Then ATRN again (mail came): 453, or, while Exim still completes the last messages, a
+    # turnaround that brings nothing.
+    assert done[0] == (N, 0, 0, "quit") and all(d[:3] == (0, 0, 0) for d in done[1:]), done
     assert [m["code"] for m in events(res.stderr, "odmr_message")] == [250] * N
     lab.mta.wait_count(N)
     assert lab.mta.received() == want  # each asked-for message once, nothing else
@@ -245,12 +247,15 @@ def test_provider_stalling_after_the_turnaround_times_out_and_is_retried(
         out, _ = server.communicate(timeout=10)
     assert res.returncode == 0, res.stderr[-3000:]
     done = events(res.stderr, "odmr_done")
-    assert [(d["relayed"], d["ended"]) for d in done] == [(1, "timeout"), (2, "quit")], done
+    # The stall relayed one, so the domain is asked again at once: the rest, then a
+    # turnaround that brings nothing more (this provider turns around even when empty).
+    assert [(d["relayed"], d["ended"]) for d in done] == [
+        (1, "timeout"), (2, "quit"), (0, "quit")], done
     assert "3 relayed, 0 refused, 0 deferred" in res.stdout
     lab.mta.wait_count(3)
     assert lab.mta.received() == [f"user{n}@example.test" for n in range(3)]
     lines = out.splitlines()
-    assert lines.count("STALL") == 1 and lines.count("QUIT") == 1, out
+    assert lines.count("STALL") == 1 and lines.count("QUIT") == 2, out
     # etrnd hung up on the stall after its 2 s step timeout, not at once and not never.
     hung_up = float(next(x for x in lines if x.startswith("HUNG_UP_AFTER")).split()[1])
     assert 1.5 <= hung_up <= 15, out

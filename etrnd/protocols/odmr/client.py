@@ -45,6 +45,7 @@ from etrnd.protocols.smtp import (
 )
 from etrnd.protocols.transcript import TranscriptSMTP
 
+NO_MAIL = 453  # RFC 2645 4.1: the ATRN reply when nothing is queued for the domains
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512
 # Under TLS: PLAIN first (one round trip). In clear: CRAM-MD5 only, which never sends the
@@ -149,6 +150,8 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
                                    transcript=smtp.transcript, live=live, relay=relay.label,
                                    max_message_size=relay.max_message_size)
     result.messages.add(got.messages)
+    for domain in batch:
+        result.owed.setdefault(domain, set()).update(got.messages.deferred_ids)
     elapsed_ms = (time.monotonic() - started) * 1000
     verdict = _after_turnaround(got, elapsed_ms)
     m = got.messages
@@ -162,13 +165,15 @@ async def _atrn(smtp: TranscriptSMTP, relay: Relay, batch: list[str], result: At
 async def session(relay: Relay, host: str, batches: Sequence[list[str]],
                   result: AttemptResult, *, attempt: int = 1,
                   on_reply: OnReply = ignore_reply,
-                  messages: Messages | None = None) -> Verdict | None:
+                  messages: Messages | None = None,
+                  turned_batches: list[str] | None = None) -> Verdict | None:
     """One connection to `host`: EHLO, STARTTLS per policy, AUTH, then ATRN per batch.
 
     Answers go into `result.replies` per domain as they arrive. After a 250 the provider owns
-    the connection (it delivers, then QUITs), so that batch is the session's last. Returns
-    None when the batches it got to were answered, else the Verdict that ended the session.
-    Only CancelledError escapes, after the connection is closed.
+    the connection (it delivers, then QUITs), so that batch is the session's last; its
+    domains are added to `turned_batches`. Returns None when the batches it got to were answered,
+    else the Verdict that ended the session. Only CancelledError escapes, after the
+    connection is closed.
     """
     log = get_logger().bind(relay=relay.label, host=host)
     smtp = client(relay, host, log)
@@ -192,6 +197,8 @@ async def session(relay: Relay, host: str, batches: Sequence[list[str]],
                 result.replies[domain] = verdict
                 on_reply(domain, verdict)
             if turned:
+                if turned_batches is not None:
+                    turned_batches.extend(valid)
                 return None  # the provider's QUIT (or a drop) ended the connection
             if verdict.outcome is Outcome.REFUSED_RELAY:
                 return verdict
@@ -235,11 +242,57 @@ def _checked(batch: list[str], result: AttemptResult, on_reply: OnReply, log: An
 async def attempt(relay: Relay, args: Sequence[str], *, attempt: int = 1,
                   on_host: OnHost = ignore_host, on_reply: OnReply = ignore_reply,
                   messages: Messages | None = None) -> AttemptResult:
-    """ATRN for the domains `args` on the relay: hosts in order, sessions until all answered.
+    """ATRN for the domains `args` on the relay: hosts in order, sessions until all answered,
+    and after a turnaround that relayed mail, ATRN again (see collect).
 
     Connect, TLS, AUTH-4xx, time-out and protocol failures move on to the next host with the
     domains still unanswered; a reply (even 4xx) or a turnaround does not.
     """
-    return await over_hosts(relay, args, on_host, lambda host, todo, result: session(
-        relay, host, atrn_batches(todo), result, attempt=attempt, on_reply=on_reply,
-        messages=messages))
+    return await over_hosts(relay, args, on_host, lambda host, todo, result: collect(
+        relay, host, todo, result, attempt=attempt, on_reply=on_reply, messages=messages))
+
+
+async def collect(relay: Relay, host: str, domains: Sequence[str], result: AttemptResult, *,
+                  attempt: int = 1, on_reply: OnReply = ignore_reply,
+                  messages: Messages | None = None) -> Verdict | None:
+    """Sessions on `host` for `domains` until the provider has nothing new for them.
+
+    A provider delivers what one connection carries and then QUITs: Exim's smtp transport
+    stops at `connection_max_messages` (500 by default) and leaves the rest for the next ATRN.
+    So a turnaround that relayed mail is followed by another ATRN for its domains, in a new
+    session, until the provider answers without turning around (453: no mail) or relays
+    nothing new. If asking again fails (connect, time-out...), its domains take that failure:
+    more mail may be waiting, and the round retries. Returns as session() does.
+    """
+    log = get_logger().bind(relay=relay.label, host=host)
+    batches, again = atrn_batches(list(domains)), False
+    while True:
+        counts = _counts(result.messages)
+        before = {d: result.replies.get(d) for batch in batches for d in batch}
+        turned: list[str] = []
+        stop = await session(relay, host, batches, result, attempt=attempt, on_reply=on_reply,
+                             messages=messages, turned_batches=turned)
+        moved = _counts(result.messages) != counts
+        for domain, verdict in before.items() if again else ():
+            now = result.replies.get(domain)
+            if stop is not None and now is verdict:  # not answered this time: more may wait
+                now = stop
+            elif (verdict is not None and verdict.outcome is Outcome.ACCEPTED
+                  and now is not None and not moved
+                  and (now.code == NO_MAIL or domain in turned)):
+                # Asked again, nothing came (453, or a turnaround that moved no message, as
+                # Exim's when its last messages are still being completed): the earlier
+                # turnaround's verdict says what happened.
+                now = verdict
+            if now is not result.replies.get(domain) and now is not None:
+                result.replies[domain] = now
+                on_reply(domain, now)
+        if stop is not None or not turned or result.messages.relayed == counts[0]:
+            return stop
+        log.info("odmr_again", domains=turned, relayed=result.messages.relayed - counts[0],
+                 attempt=attempt)
+        batches, again = atrn_batches(turned), True
+
+
+def _counts(m: Messages) -> tuple[int, int, int]:
+    return m.relayed, m.refused, m.deferred
