@@ -301,8 +301,10 @@ async def test_odmr_messages_and_atrn_replies_are_counted(tmp_path: Path) -> Non
     m = result.messages
     assert (m.relayed, m.deferred, m.refused) == (4, 1, 1)
     atrns = [line for line in provider.log if line.startswith("C: ATRN")]
-    assert len(atrns) == 2  # the session the 451 ended, and the retry that took the rest
-    # Counted as each message settled, as the round's own counts; both ATRNs answered 250.
+    # The session the 451 ended, the retry that took the rest, and (a turnaround relayed
+    # mail) ATRN again until the provider says 453: every one answered 2xx, each counted.
+    assert len(atrns) >= 2, provider.log
+    # Messages counted as each settled, as the round's own counts.
     assert [a - b for a, b in zip(after, before, strict=True)] == [4, 1, 1, len(atrns)]
 
 
