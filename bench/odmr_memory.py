@@ -5,8 +5,9 @@ Run as root:  .venv/bin/python bench/odmr_memory.py [--sizes 10,40,60] [--runs 2
 The lab of the interop tests (tests/support/odmrlab.py): Exim 4.100 as the ODMR provider, a
 private Postfix as the office MTA. Per size (MB = 10^6 octets) and run, one message of that
 size is queued, `etrnd send` brings it home, and its peak RSS (VmHWM of /proc/PID/status,
-sampled every 20 ms) is printed. `--tree` runs the etrnd package of another checkout (e.g. the
-code before issue 16) with this checkout's tests and Python.
+sampled every 20 ms) and wall time (process start to exit) are printed. `--tree` runs the
+etrnd package of another checkout (e.g. the code before issue 16) with this checkout's tests
+and Python.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +38,13 @@ def main() -> None:
             for run in range(args.runs):
                 rcpt = f"user{n}@{ASKED[0]}"
                 lab.exim.enqueue_message(rcpt, message(rcpt, n, size * MB))
+                started = time.monotonic()
                 res, peak = send_sampled(lab, lab.config(f"m{n}.yaml", domains=[ASKED[0]],
                                                          timeout="60s"), tree=args.tree)
                 ok = res.returncode == 0 and "1 relayed" in res.stdout
-                print(f"{size} MB run {run + 1}: peak RSS {peak / 1024:.1f} MiB"
+                wall = time.monotonic() - started
+                print(f"{size} MB run {run + 1}: peak RSS {peak / 1024:.1f} MiB, "
+                      f"send took {wall:.1f} s"
                       f"{'' if ok else f' (FAILED: exit {res.returncode})'}", flush=True)
                 n += 1
 
