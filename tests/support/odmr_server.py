@@ -17,7 +17,8 @@ Each session takes the next ACTION (the last one repeats):
 Message bodies hold lines starting with a dot (so dot-stuffing is exercised), and a
 `Received: ... id prov<N>` header naming the provider's queue ID.
 
-A message leaves the queue only when the customer answered 250 to its end of DATA.
+A message leaves the queue only when the customer answered 250 to its end of DATA, or a 5xx
+(then it is bounced, as a real provider does).
 Prints `READY`, then one line per event: `SESSION n`, `ATRN arg`, `SENT rcpt code`,
 `STALL`, `HUNG_UP_AFTER seconds`, `DIED`, `QUIT`.
 """
@@ -143,7 +144,7 @@ class Session(socketserver.StreamRequestHandler):
             else:
                 client.rset()
             say("SENT", rcpt, code)
-            if code == 250:
+            if code == 250 or code >= 500:
                 provider.queue.remove(rcpt)
         if action.startswith("stall:"):
             say("STALL")
