@@ -150,6 +150,8 @@ def summary(config: Config, path: Path) -> str:
     if config.local_mta is not None:
         lines.append(f"local MTA: {config.local_mta.address}, rounds wait for its 220 "
                      f"up to {config.local_mta.max_wait:g}s")
+    if config.metrics is not None:
+        lines.append(f"metrics: http://{config.metrics.listen}/metrics (Prometheus)")
     lines.append(f"control socket: {config.control.socket}; log {config.log.level} "
                  f"as {config.log.format}")
     return "\n".join(lines)

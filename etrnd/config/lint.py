@@ -10,6 +10,7 @@ from pathlib import Path
 from etrnd.config.preflight import UNIT, unit_runtime_directories
 from etrnd.config.problems import key_path
 from etrnd.config.schema import Config, Relay
+from etrnd.config.values import split_listen
 
 # Names reserved for examples that never resolve (RFC 2606 sections 2 and 3). `.test` is
 # left out on purpose: labs (this suite's too) use it for names they do resolve.
@@ -39,7 +40,18 @@ def warnings(config: Config) -> list[str]:
         found.extend(_password_file(relay, _path(config, i)))
     found.extend(_interfaces(config))
     found.extend(_control_socket(config))
+    found.extend(_metrics(config))
     return found
+
+
+def _metrics(config: Config) -> Iterator[str]:
+    if config.metrics is None:
+        return
+    host, port = split_listen(config.metrics.listen)
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - what we warn about
+        yield (f"metrics.listen: {config.metrics.listen} serves the metrics on every address, "
+               "the WAN's too, without authentication; give 127.0.0.1, [::1] or a "
+               f"management network's address (e.g. 127.0.0.1:{port})")
 
 
 def _path(config: Config, i: int, *keys: str) -> str:

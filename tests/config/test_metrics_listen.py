@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from etrnd.config.schema import ConfigError, parse_yaml
@@ -45,3 +47,22 @@ def test_bad_listen_is_refused_in_plain_words(listen: str, words: str) -> None:
     assert words in problem, problem
 
 
+
+
+def test_check_config_shows_the_url_and_warns_about_every_address(tmp_path: Path) -> None:
+    from tests.config.test_check_config_words import check, warned
+
+    path = tmp_path / "etrnd.yaml"
+    base = ("watch: {interfaces: [lo]}\n" + RELAY.replace("example.org", "office.test")
+            + f"control: {{socket: {tmp_path / 'control.sock'}}}\n")
+    path.write_text(base + 'metrics: {listen: "[::1]:9469"}\n')
+    res = check(path)
+    assert warned(res) == [], res.stderr
+    assert "metrics: http://[::1]:9469/metrics (Prometheus)" in res.stdout.splitlines()
+    path.write_text(base + 'metrics: {listen: "0.0.0.0:9469"}\n')
+    res = check(path)
+    assert warned(res) == [
+        "metrics.listen: 0.0.0.0:9469 serves the metrics on every address, the WAN's too, "
+        "without authentication; give 127.0.0.1, [::1] or a management network's address "
+        "(e.g. 127.0.0.1:9469)"]
+    assert check(path, "--strict").returncode == 2
