@@ -15,12 +15,12 @@ from types import TracebackType
 from typing import Literal
 
 from pydantic import ValidationError
-from pyroute2.netlink.exceptions import NetlinkError
 
 from etrnd.config.schema import ConfigError, Watch, load_config
 from etrnd.config.values import parse_duration
 from etrnd.link.debounce import Change, Debouncer, DownHold
 from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
+from etrnd.link.rtnl import NetlinkError
 from etrnd.link.state import DefaultRoutes, LinkState, RouteEvent, Snapshot, Verdict
 from etrnd.outputs.logs import configure, get_logger, iso
 
