@@ -72,9 +72,10 @@ async def _send(relays: Sequence[Relay], retry: Retry,
                 args: tuple[str, ...] | None, config: Config | None = None) -> list[RoundResult]:
     # A lookup hung on a dead name server must not hold up the exit (see offloop).
     asyncio.get_running_loop().set_default_executor(ThreadPerCall())
-    # No watcher here: the route to each relay is checked against the link state read once,
-    # by the daemon's own rules (etrnd.link.egress.expected_now), while the HELO name resolves.
-    reading = asyncio.create_task(egress.expected_now(config.watch)) if config else None
+    # No watcher here: the route to each relay is checked against the link state read once
+    # (when it matters), by the daemon's own rules (etrnd.link.egress.expected_for_send),
+    # while the HELO name resolves.
+    reading = asyncio.create_task(egress.expected_for_send(config.watch)) if config else None
     if any(r.helo is None for r in relays):
         await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name
     expected = await reading if reading is not None else None

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -40,6 +40,9 @@ class Expected:
     patterns: tuple[str, ...]
     addresses: Addresses
     router: Router
+    # Set when only the interface names were read (etrnd send, see expected_for_send): the
+    # full link state, read when the route does not leave through the one watched interface.
+    full: Callable[[], Awaitable[Expected | None]] | None = None
 
     def allows(self, name: str | None) -> bool:
         want = self.iface()
@@ -221,6 +224,12 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
     try:
         async with asyncio.timeout(limit):
             choice, route = await _check(relay, host, mode, expected)
+            if choice.mismatch and expected.full is not None:
+                full = await expected.full()
+                if full is None:  # the link state could not be read (expected_now said why)
+                    return (mode, 0) if mode not in ("auto", "kernel") else None
+                expected = full
+                choice, route = await _check(relay, host, mode, expected)
     except Exception as exc:  # time-out, resolver or netlink failure: the session goes on
         log.warning("etrn_egress_unchecked", error=type(exc).__name__, text=str(exc)[:200])
         return (mode, 0) if mode not in ("auto", "kernel") else None
@@ -289,5 +298,25 @@ async def expected_now(watch: Watch) -> Expected | None:
                     Router())
 
 
-__all__ = ["EXPECTED", "Choice", "Expected", "Route", "Router", "choose", "expected_now",
-           "expecting", "source_for"]
+async def expected_for_send(watch: Watch) -> Expected | None:
+    """expected_now, read only when needed: with exactly one interface matching
+    `watch.interfaces`, a route through it is right whether that interface is up or not (by
+    the daemon's rules), so `etrnd send` from an ip-up script neither dumps the link state nor
+    imports the netlink decoder for it; any other route reads the state (Expected.full)."""
+    names = [name for _, name in socket.if_nameindex()
+             if any(fnmatchcase(name, p) for p in watch.interfaces)]
+    if len(names) != 1:
+        return await expected_now(watch)
+    reading: asyncio.Task[Expected | None] | None = None
+
+    async def full() -> Expected | None:
+        nonlocal reading
+        reading = reading or asyncio.ensure_future(expected_now(watch))
+        return await asyncio.shield(reading)  # relays' sessions share the one read
+
+    return Expected(lambda: names[0], tuple(watch.interfaces), lambda _n, _f: [], Router(),
+                    full)
+
+
+__all__ = ["EXPECTED", "Choice", "Expected", "Route", "Router", "choose", "expected_for_send",
+           "expected_now", "expecting", "source_for"]
