@@ -319,6 +319,7 @@ class LinkWatcher:
         moved it (no message either), else the route is gone and the link down at once."""
         now = self._clock()
         keys = self._state.expired(now) | self._revive.keys()
+        had = {key for key in keys if self._state.has_route(*key)}
         for index, family in sorted(keys):
             try:
                 routes = await self._reader.default_routes(index, family)
@@ -336,7 +337,9 @@ class LinkWatcher:
                 self._revive.setdefault(key, now + REVIVE_FOR)
         self._revive = {k: until for k, until in self._revive.items() if until > now}
         self._expiry_task = None
-        self._evaluate(at_once=True)  # the lifetime was the hold
+        # A route that ran out is a down at once (its lifetime was the hold); a poll that
+        # changed nothing must not cut short another down's hold.
+        self._evaluate(at_once=any(not self._state.has_route(*key) for key in had))
 
 
 # --- debug entry point: python -m etrnd.link.watcher ---------------------------------------------
