@@ -10,7 +10,7 @@ from pathlib import Path
 from etrnd import __version__
 from etrnd.config.lint import warnings
 from etrnd.config.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
-from etrnd.config.schema import Config, resolve_path
+from etrnd.config.schema import Config, Watch, resolve_path
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -122,14 +122,14 @@ def _err(message: str) -> None:
     print(f"etrnd: {message}", file=sys.stderr)
 
 
-def summary(config: Config, path: Path) -> str:
-    watch = config.watch
+def _watch_text(watch: Watch) -> str:
     ifaces = ", ".join(watch.interfaces) or "any interface"
-    lines = [
-        f"config {path}: valid",
-        f"watch: {ifaces}; up when {watch.up_when} ({watch.family}); "
-        f"settle {watch.settle:g}s, min_interval {watch.min_interval:g}s",
-    ]
+    return (f"{ifaces}; up when {watch.up_when} ({watch.family}); "
+            f"settle {watch.settle:g}s, min_interval {watch.min_interval:g}s")
+
+
+def summary(config: Config, path: Path) -> str:
+    lines = [f"config {path}: valid", f"watch: {_watch_text(config.watch)}"]
     for relay in config.relays:
         auth = f", auth as {relay.auth.username}" if relay.auth else ""
         what = (f"odmr: atrn {' '.join(relay.etrn)}, deliver to "
@@ -140,6 +140,11 @@ def summary(config: Config, path: Path) -> str:
             f"tls {relay.tls}{'' if relay.verify else ' (NOT verified)'}{auth}; {what}"
             + ("" if relay.source == "auto" else f"; source {relay.source}")
         )
+        if relay.watch is not None:  # its own link (etrnd.link.lines)
+            backs_up = relay.watch.only_when_down
+            lines.append(f"  its link: {_watch_text(config.watch_of(relay))}"
+                         + (f"; runs only while {', '.join(backs_up)}'s link is down"
+                            if backs_up else ""))
     r = config.retry
     give_up = f"{r.give_up_after:g}s" if r.give_up_after else "never"
     lines.append(

@@ -72,17 +72,22 @@ async def _send(relays: Sequence[Relay], retry: Retry,
                 args: tuple[str, ...] | None, config: Config | None = None) -> list[RoundResult]:
     # A lookup hung on a dead name server must not hold up the exit (see offloop).
     asyncio.get_running_loop().set_default_executor(ThreadPerCall())
-    # No watcher here: the route to each relay is checked against the link state read once
-    # (when it matters), by the daemon's own rules (etrnd.link.egress.expected_for_send),
-    # while the HELO name resolves.
-    reading = asyncio.create_task(egress.expected_for_send(config.watch)) if config else None
+    # No watcher here: the route to each relay is checked against its own link's state, read
+    # once by the daemon's own rules (etrnd.link.egress.expected_now), while the HELO name resolves.
+    reading = (asyncio.create_task(egress.expected_now(*(config.watch_of(r) for r in relays)))
+               if config else None)
     if any(r.helo is None for r in relays):
         await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name
     expected = await reading if reading is not None else None
     if config is not None and config.local_mta is not None:
         await Gate(config.local_mta.address, config.local_mta.max_wait).ready("send")
-    with egress.expecting(expected):
-        return await run_all(relays, retry, args)
+
+    async def one(relay: Relay, link: egress.Expected | None) -> RoundResult:
+        with egress.expecting(link):
+            return (await run_all([relay], retry, args))[0]
+
+    links = expected if expected is not None else [None] * len(relays)
+    return list(await asyncio.gather(*(one(r, e) for r, e in zip(relays, links, strict=True))))
 
 
 def send_command(path: str | None, relay: str | None, args: list[str],

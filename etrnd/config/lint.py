@@ -113,21 +113,26 @@ def _name(relay: Relay) -> str:
 
 
 def _interfaces(config: Config) -> Iterator[str]:
-    patterns = config.watch.interfaces
-    if not patterns:
+    # The top-level watch and each relay's own (docs/two-lines.md).
+    watched = [("watch.interfaces", config.watch.interfaces)]
+    watched += [(f"{_path(config, i)}.watch.interfaces", relay.watch.interfaces)
+                for i, relay in enumerate(config.relays)
+                if relay.watch is not None and relay.watch.interfaces]
+    if not any(patterns for _, patterns in watched):
         return
     try:
         present = sorted(name for _, name in socket.if_nameindex())
     except OSError:
         return
-    missing = [p for p in patterns if not any(fnmatchcase(n, p) for n in present)]
-    if len(present) > _SHOWN_INTERFACES:
-        present = [*present[:_SHOWN_INTERFACES], "..."]
-    if missing:
-        yield (f"watch.interfaces: {', '.join(missing)} "
-               f"{'matches' if len(missing) == 1 else 'match'} no interface now (present: "
-               f"{', '.join(present) or 'none'}); right if it appears with the link (ppp, "
-               "a modem), else a typo: no round would ever start")
+    shown = [*present[:_SHOWN_INTERFACES], "..."] if len(present) > _SHOWN_INTERFACES \
+        else present
+    for key, patterns in watched:
+        missing = [p for p in patterns if not any(fnmatchcase(n, p) for n in present)]
+        if missing:
+            yield (f"{key}: {', '.join(missing)} "
+                   f"{'matches' if len(missing) == 1 else 'match'} no interface now (present: "
+                   f"{', '.join(shown) or 'none'}); right if it appears with the link (ppp, "
+                   "a modem), else a typo: no round would ever start")
 
 
 def _control_socket(config: Config) -> Iterator[str]:

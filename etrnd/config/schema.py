@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from etrnd.config import yamlsource
+from etrnd.config import failover, yamlsource
 from etrnd.config.credentials import DEFER_CREDENTIALS, Secret, read_password
 from etrnd.config.problems import problems
 from etrnd.config.values import (
@@ -108,6 +108,40 @@ class Watch(_Model):
         "route whose router lifetime runs out is a down at once, without this hold."))
 
 
+def _names(value: object) -> object:
+    # `only_when_down: fiber` is `only_when_down: [fiber]`.
+    return (value,) if isinstance(value, str) else value
+
+
+class RelayWatch(_Model):
+    """A relay's own link (`relays[].watch`): each key left out is the top-level watch's."""
+
+    interfaces: tuple[InterfacePattern, ...] | None = Field(default=None, description=(
+        "This relay's interfaces (names or shell globs; [] = any interface). "
+        "Default: the top-level watch.interfaces."))
+    up_when: Literal["carrier", "address", "default-route"] | None = Field(
+        default=None, description="Default: the top-level watch.up_when.")
+    family: Literal["ipv4", "ipv6", "any"] | None = Field(
+        default=None, description="Default: the top-level watch.family.")
+    settle: Duration | None = Field(default=None, description=(
+        "Wait after this relay may run (its link up, or the link it backs up down) before "
+        "its round. Default: the top-level watch.settle."))
+    min_interval: Duration | None = Field(
+        default=None, description="Default: the top-level watch.min_interval.")
+    down_hold: Duration | None = Field(
+        default=None, description="Default: the top-level watch.down_hold.")
+    only_when_down: Annotated[tuple[WireToken, ...], BeforeValidator(_names)] = Field(
+        default=(), description=(
+            "Failover: run this relay only while the link of each relay named here is down "
+            "(after that link's down_hold). When one of those links is up again, this "
+            "relay's round is cancelled as on its own link-down."))
+
+    def over(self, top: Watch) -> Watch:
+        """The watch this relay runs by: its own keys over the top-level ones."""
+        mine = {k: v for k in Watch.model_fields if (v := getattr(self, k)) is not None}
+        return top.model_copy(update=mine)
+
+
 class Auth(_Model):
     username: WireToken = Field(description="The AUTH user name.")
     password_file: Password = Field(description=(
@@ -176,10 +210,14 @@ class Relay(_Model):
         "office MTA's own EHLO SIZE, or no limit when it has none. DATA is streamed to the "
         "office MTA, so this is not a memory bound."))
     source: Annotated[str, AfterValidator(check_source)] = Field(default="auto", description=(
-        "The address to send from. `auto`: the watched interface's address when the kernel "
-        "routes packets from it through that interface, else the kernel's choice. `kernel`: "
+        "The address to send from. `auto`: the address of the interface that made this "
+        "relay's link up, when the kernel routes packets from it through that interface, else "
+        "the kernel's choice. `kernel`: "
         "never bind. An address: always send from it. A route through another interface than "
         "the one that is up logs etrn_egress_mismatch either way."))
+    watch: RelayWatch | None = Field(default=None, description=(
+        "This relay's own link, e.g. {interfaces: [wwan0], only_when_down: fiber}; "
+        "keys left out, or no watch at all, mean the top-level watch's."))
 
     @field_validator("etrn")
     @classmethod
@@ -354,6 +392,10 @@ class Config(_Model):
             seen.add(relay.label)
         return self
 
+    def watch_of(self, relay: Relay) -> Watch:
+        """The watch `relay` runs by (its own `watch:` over the top-level one)."""
+        return self.watch if relay.watch is None else relay.watch.over(self.watch)
+
     def relay(self, name: str) -> Relay:
         for relay in self.relays:
             if relay.label == name:
@@ -382,9 +424,13 @@ def parse_config(data: object, *, defer_credentials: bool = False,
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of keys (watch, relays, retry, ...)"])
     try:
-        return Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
+        config = Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
         raise ConfigError(list(problems(exc, document, data, Config))) from None
+    found = failover.problems(config)  # across relays: a relay watch that can never be up
+    if found:
+        raise ConfigError(found)
+    return config
 
 
 def parse_yaml(text: str, source: str = "<config>", *,

@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import json
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
 from pydantic import ValidationError
+from pyroute2.netlink.exceptions import NetlinkError
 
 from etrnd.config.schema import ConfigError, Watch, load_config
 from etrnd.config.values import parse_duration
-from etrnd.link.debounce import Change, Debouncer, DownHold
+from etrnd.link.lines import GateChange, Lines, LinkChange, Output, Plan, plan, single
 from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
-from etrnd.link.rtnl import NetlinkError
 from etrnd.link.state import DefaultRoutes, LinkState, RouteEvent, Snapshot, Verdict
 from etrnd.outputs.logs import configure, get_logger, iso
 
@@ -39,49 +40,64 @@ REVIVE_FOR = 60.0
 
 @dataclass(frozen=True)
 class Decision:
-    """`up`/`down`: the link changed (or, with initial=True, its state at start);
-    `round`: start an ETRN round now (settle and min_interval already applied)."""
+    """`up`/`down`: the relays of `relays` may now run / may not (or, with initial=True,
+    their state at start); `round`: start their round now (settle and min_interval already
+    applied). `link` names the link, `reason` why (etrnd.link.lines.GroupDecision)."""
 
     kind: DecisionKind
     why: str
     iface: str | None
     at: float  # time.monotonic() when decided
     initial: bool = False
-    since: float | None = None  # when the change really happened (a held down: its start)
+    link: str = "*"
+    relays: tuple[str, ...] = ()
+    reason: str = "link_up"
+    since: float | None = None  # when the link's state really changed (a held down: its start)
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """One link as status shows it: its decided state, the kernel's reason, its relays."""
+
+    name: str
+    up: bool
+    why: str
+    iface: str | None
+    since: float | None  # clock time the decided state began
+    holding: float | None  # clock time a down being held began
+    relays: tuple[str, ...]
 
 
 class LinkWatcher:
-    """`async with LinkWatcher(cfg.watch) as w: async for d in w.decisions(): ...`
+    """`async with LinkWatcher(plan(config)) as w: async for d in w.decisions(): ...`
 
+    One netlink socket for every link of the plan (a bare Watch is a plan of one link).
     Entering returns once the initial state is read (subscribe, then dump), so the first
-    decision is the state at start: an `up` there is followed by a `round` like any other.
+    decisions are the state at start: an `up` there is followed by a `round` like any other.
     A down undone within watch.down_hold is a blip (no decision); an RA default route is
     re-read when its lifetime runs out, since the kernel says nothing then.
     """
 
-    def __init__(self, watch: Watch, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, spec: Plan | Watch, *, clock: Callable[[], float] = time.monotonic,
                  bpf: bool = True, rcvbuf: int = DEFAULT_RCVBUF,
                  debug_rcvbuf: int | None = None,
-                 on_verdict: Callable[[Verdict], None] | None = None) -> None:
+                 on_verdict: Callable[[Verdict], None] | None = None,
+                 on_link: Callable[[LinkChange], None] | None = None) -> None:
         self._clock = clock
-        self._on_verdict = on_verdict  # called whenever the "why" changes (STATUS= lines)
-        self._state = LinkState(watch.interfaces, watch.up_when, watch.family)
-        self._debounce = Debouncer(watch.settle, watch.min_interval)
-        self._hold = DownHold(watch.down_hold)
-        self._source = NetlinkSource(route_iface=self._state.matches, bpf=bpf, rcvbuf=rcvbuf,
+        self._on_verdict = on_verdict  # called whenever a "why" changes (STATUS= lines)
+        self._on_link = on_link  # called on each link's decided change (metrics)
+        spec = spec if isinstance(spec, Plan) else single(spec)
+        self._states = {s.name: LinkState(s.interfaces, s.up_when, s.family)
+                        for s in spec.links}
+        self._lines = Lines(spec)
+        self._source = NetlinkSource(route_iface=self._matches, bpf=bpf, rcvbuf=rcvbuf,
                                      debug_rcvbuf=debug_rcvbuf, clock=clock)
         self._reader = RouteReader(clock)  # re-reads routes whose lifetime ran out
-        self._verdict = Verdict(False, "not started")  # the kernel's state, as last read
-        self._held_why = ""  # why the link looked down when a held down began
-        # A down verdict has no interface of its own: link_down names the one that was up,
-        # or (down from the start) the watched names, so every link event says which.
-        self._up_iface: str | None = None
-        self._watched = ",".join(watch.interfaces) or "*"
+        self._verdicts = {name: Verdict(False, "not started") for name in self._states}
         self._queue: asyncio.Queue[Decision | BaseException] = asyncio.Queue()
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None  # settle / min_interval
-        self._hold_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # down-holds, settle, min_interval
         self._expiry_timer: tuple[float, asyncio.TimerHandle] | None = None
         self._expiry_task: asyncio.Task[None] | None = None
         # (index, family) whose RA route ran out: the kernel keeps it until its GC and a
@@ -91,49 +107,79 @@ class LinkWatcher:
 
     # --- public state -------------------------------------------------------------------
     @property
+    def plan(self) -> Plan:
+        return self._lines.plan
+
+    @property
     def up(self) -> bool:
-        """The decided state: a down still held (watch.down_hold) is up."""
-        return self._hold.up
+        """Any link up (the only one, in a config without relay watches)."""
+        return any(self._lines.link_up(name) for name in self._states)
 
     @property
     def why(self) -> str:
-        return self.verdict.why
+        return "; ".join(dict.fromkeys(v.why for v in self._verdicts.values()))
 
     @property
     def verdict(self) -> Verdict:
-        """The decided state and why; while a down is held, up through the interface that
-        was up, and the why says what is missing and for how long."""
-        since = self._hold.holding
-        if since is None:
-            return self._verdict
-        return Verdict(True, f"{self._verdict.why} (for {self._clock() - since:.1f} s; "
-                             f"held: a down shorter than {self._hold.hold:g} s is a blip)",
-                       self._up_iface)
+        """The first link's kernel verdict (the only one, without relay watches)."""
+        return next(iter(self._verdicts.values()))
+
+    def verdict_of(self, relay: str) -> Verdict | None:
+        """The decided state of the relay's link (a held down: still up through the
+        interface that was), None for no such relay."""
+        spec = self.plan.link_of(relay)
+        return None if spec is None else self._lines.verdict(spec.name, self._clock())
+
+    def interfaces_of(self, relay: str) -> tuple[str, ...]:
+        spec = self.plan.link_of(relay)
+        return () if spec is None else spec.interfaces
+
+    def may_run(self, relay: str) -> bool:
+        """The relay's link is up and no link it stands in for is (failover)."""
+        return self._lines.may_run(relay)
+
+    def standby(self, relay: str) -> bool:
+        return self._lines.standby(relay)
+
+    def may_run_since(self, relay: str) -> float | None:
+        """Since when (clock time) the relay may run, or None while it may not."""
+        return self._lines.may_run_since(relay)
+
+    def links(self) -> list[LinkView]:
+        out = []
+        for spec in self.plan.links:
+            v = self._lines.verdict(spec.name, self._clock())
+            out.append(LinkView(spec.name, self._lines.link_up(spec.name), v.why, v.iface,
+                                self._lines.since(spec.name), self._lines.holding(spec.name),
+                                self.plan.drives(spec.name)))
+        return out
 
     def addresses(self, name: str, family: int) -> list[str]:
         """Usable global addresses of an interface (for a session's source address)."""
-        return self._state.addresses(name, family)
+        return self._mirror.addresses(name, family)
 
     @property
     def resyncs(self) -> int:
         """How many times the socket overflowed (or failed) and the state was re-read."""
         return self._source.resyncs
 
-    def round_due(self) -> tuple[float, str] | None:
-        """(seconds from now, "settle" | "min_interval") of the link-up round still owed."""
-        owed = self._debounce.owed()
-        if owed is None:
-            return None
-        return max(0.0, owed[0] - self._clock()), owed[1]
+    def round_due(self, relay: str | None = None) -> tuple[float, str] | None:
+        """(seconds from now, "settle" | "min_interval") of the link-up round still owed to
+        `relay` (None: the soonest owed to any relay)."""
+        now = self._clock()
+        names = [relay] if relay is not None else [r for g in self.plan.groups
+                                                   for r in g.relays[:1]]
+        owed = [o for r in names if (o := self._lines.owed(r, now)) is not None]
+        return min(owed, default=None)
 
-    def take_pending(self) -> bool:
-        """A trigger takes the owed link-up round now (True if one was owed): no `round`
-        decision follows for that link-up, so a trigger never means two rounds."""
-        if not self._debounce.take_early(self._clock()):
+    def take_pending(self, relays: Iterable[str] | None = None) -> bool:
+        """A trigger takes the owed link-up round now (True if one was owed) of each group
+        whose relays are all in `relays` (None: every group): no `round` decision follows
+        for that link-up, so a trigger never means two rounds."""
+        wanted = [r for g in self.plan.groups for r in g.relays] if relays is None else relays
+        if not self._lines.take_early(wanted, self._clock()):
             return False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._schedule()
         return True
 
     def healthy(self) -> bool:
@@ -141,15 +187,18 @@ class LinkWatcher:
         return (self._task is not None and not self._task.done()
                 and self._ready is not None and self._ready.done())
 
-    def reconfigure(self, watch: Watch) -> None:
-        """Apply a reloaded `watch:` section; the debounce history is kept."""
-        self._state.patterns = tuple(watch.interfaces)
-        self._state.up_when = watch.up_when
-        self._state.family = watch.family
-        self._debounce.settle = watch.settle
-        self._debounce.min_interval = watch.min_interval
-        self._hold.hold = watch.down_hold
-        self._evaluate()
+    def reconfigure(self, spec: Plan | Watch) -> None:
+        """Apply a reloaded config's links; links and groups that go on keep their history."""
+        spec = spec if isinstance(spec, Plan) else single(spec)
+        old = self._states
+        self._states = {}
+        for s in spec.links:
+            # Every state mirrors the same kernel tables: a new link starts from a copy.
+            state = old[s.name] if s.name in old else copy.deepcopy(next(iter(old.values())))
+            state.patterns, state.up_when, state.family = s.interfaces, s.up_when, s.family
+            self._states[s.name] = state
+        self._verdicts = {name: st.verdict() for name, st in self._states.items()}
+        self._handle(self._lines.reconfigure(spec, self._verdicts, self._clock()))
         self._schedule()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -163,8 +212,7 @@ class LinkWatcher:
             raise RuntimeError("link watcher stopped before reading the link state")
 
     async def close(self) -> None:
-        for timer in (self._timer, self._hold_timer,
-                      self._expiry_timer[1] if self._expiry_timer else None):
+        for timer in (self._timer, self._expiry_timer[1] if self._expiry_timer else None):
             if timer is not None:
                 timer.cancel()
         for task in (self._task, self._expiry_task):
@@ -192,21 +240,25 @@ class LinkWatcher:
             yield item
 
     # --- internals ----------------------------------------------------------------------
+    def _matches(self, name: str) -> bool:
+        return any(state.matches(name) for state in self._states.values())
+
     async def _run(self) -> None:
         try:
             async for event in self._source.events():
                 self.last_event = self._clock()
-                self._state.apply(event)
+                for state in self._states.values():
+                    state.apply(event)
                 if isinstance(event, RouteEvent):
                     # The kernel spoke of this route: no need to poll for a silent revival.
                     for oif in event.oifs:
                         self._revive.pop((oif, event.family), None)
                 if isinstance(event, Snapshot) and event.reason != "start":
-                    log.info("netlink_resynced", reason=event.reason, up=self._state.verdict().up)
+                    log.info("netlink_resynced", reason=event.reason, up=self.up)
                 if self._ready is not None and not self._ready.done():
-                    self._verdict = self._state.verdict()
-                    self._hold.reset(self._verdict.up)
-                    self._emit("up" if self._verdict.up else "down", initial=True)
+                    self._verdicts = {n: st.verdict() for n, st in self._states.items()}
+                    self._handle(self._lines.start(self._verdicts, self._clock()))
+                    self._schedule()
                     self._arm_expiry()
                     self._ready.set_result(None)
                 else:
@@ -219,80 +271,65 @@ class LinkWatcher:
             raise
 
     def _evaluate(self, *, at_once: bool = False) -> None:
-        verdict = self._state.verdict()
-        if verdict != self._verdict and self._on_verdict is not None:
-            self._on_verdict(verdict)
-        if self._hold.up and self._hold.holding is None and not verdict.up:
-            self._held_why = verdict.why
-        self._verdict = verdict
-        self._decide(self._hold.observe(verdict.up, self._clock(), at_once=at_once))
+        """`at_once`: a down now skips the hold (a router lifetime ran out: it was the hold)."""
+        verdicts = {name: state.verdict() for name, state in self._states.items()}
+        for name, verdict in verdicts.items():
+            if verdict != self._verdicts[name] and self._on_verdict is not None:
+                self._on_verdict(verdict)
+        self._verdicts = verdicts
+        self._handle(self._lines.observe(verdicts, self._clock(),
+                                         at_once=verdicts if at_once else ()))
+        self._schedule()
         self._arm_expiry()
 
-    def _decide(self, change: Change | None) -> None:
-        if change is not None and change.kind == "blip":
-            log.debug("link_blip", iface=self._up_iface or self._watched,
-                      duration_ms=round(change.held * 1000, 3), why=self._held_why)
-            self._schedule()  # the settle round held back during the hold, if one is owed
-        elif change is not None:
-            self._emit("up" if change.kind == "up" else "down", since=change.since,
-                       held=change.held)
-        self._arm_hold()
-
-    def _emit(self, kind: DecisionKind, initial: bool = False, since: float | None = None,
-              held: float = 0.0) -> None:
-        now = self._clock()
-        v = self._verdict
-        if v.up:
-            self._up_iface = v.iface
-        iface = v.iface if v.up else (self._up_iface or self._watched)
-        if kind != "round":
-            extra: dict[str, object] = {}
-            if held > 0:  # acted on after the hold: say when it really began
-                extra = {"since": iso(time.time() - (now - (since or now))),
-                         "held_ms": round(held * 1000)}
-            log.info("link_up" if kind == "up" else "link_down", iface=iface, why=v.why,
-                     initial=initial, **extra)
-            self._debounce.link(kind == "up", now)
-            self._schedule()
-        self._queue.put_nowait(Decision(kind, v.why, iface, now, initial,
-                                        since if since is not None else now))
-
-    def _arm_hold(self) -> None:
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-        due = self._hold.deadline()
-        if due is not None:
-            self._hold_timer = asyncio.get_running_loop().call_later(
-                max(0.0, due - self._clock()), self._hold_ends)
-
-    def _hold_ends(self) -> None:
-        self._hold_timer = None
-        self._decide(self._hold.expire(self._clock()))
+    def _handle(self, outputs: Iterable[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, LinkChange):
+                if self._on_link is not None:
+                    self._on_link(out)
+                fields = {"iface": out.iface, "why": out.why, "link": out.link}
+                if out.kind == "blip":
+                    log.debug("link_blip", duration_ms=round(out.held * 1000, 3), **fields)
+                else:
+                    # A down decided after the hold is dated from when it began.
+                    began = ({"since": iso(time.time() - (self._clock() - out.since)),
+                              "held_ms": round(out.held * 1000)} if out.held else {})
+                    log.info("link_up" if out.kind == "up" else "link_down", **fields,
+                             initial=out.initial, **began)
+            elif isinstance(out, GateChange):
+                log.info("backup_active" if out.open else "backup_standby",
+                         relays=list(out.relays), link=out.link, why=out.why,
+                         initial=out.initial)
+            else:
+                self._queue.put_nowait(Decision(out.kind, out.why, out.iface, out.at,
+                                                out.initial, out.link, out.relays,
+                                                out.reason, self._lines.since(out.link)))
 
     def _schedule(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        due = self._debounce.due()
+        due = self._lines.next_due()
         if due is not None:
             delay = max(0.0, due - self._clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
-        if self._hold.holding is not None:
-            return  # decided when the hold ends: a blip schedules it again, a down cancels
-        if self._debounce.take_round(self._clock()):
-            self._emit("round")
-        else:
-            self._schedule()
+        self._handle(self._lines.tick(self._clock()))
+        self._schedule()
+
+
+    @property
+    def _mirror(self) -> LinkState:
+        # Every link's state mirrors the same kernel tables: any one tells the routes.
+        return next(iter(self._states.values()))
 
     # --- route lifetimes --------------------------------------------------------------------
     def _arm_expiry(self) -> None:
         """One timer for the next route lifetime to run out (or the next revival poll);
         none at all when no watched route expires, so an idle DHCPv4 link never wakes."""
-        nxt = self._state.next_expiry()
+        nxt = self._mirror.next_expiry()
         due = [nxt[0] + EXPIRY_SLACK] if nxt is not None else []
         if self._revive:
             due.append(self._clock() + REVIVE_POLL)
@@ -318,8 +355,7 @@ class LinkWatcher:
         """Ask the kernel again for the routes whose lifetime is up: a later RA may have
         moved it (no message either), else the route is gone and the link down at once."""
         now = self._clock()
-        keys = self._state.expired(now) | self._revive.keys()
-        had = {key for key in keys if self._state.has_route(*key)}
+        keys = self._mirror.expired(now) | self._revive.keys()
         for index, family in sorted(keys):
             try:
                 routes = await self._reader.default_routes(index, family)
@@ -327,19 +363,19 @@ class LinkWatcher:
                 log.warning("route_reread_failed", index=index, family=family,
                             error=str(exc) or type(exc).__name__)
                 continue  # judged by its lifetime alone below
-            self._state.apply(DefaultRoutes(index, family, routes))
+            for state in self._states.values():
+                state.apply(DefaultRoutes(index, family, routes))
         now = self._clock()
-        self._state.drop_expired(now)
+        for state in self._states.values():
+            state.drop_expired(now)
         for key in keys:
-            if self._state.has_route(*key):
+            if self._mirror.has_route(*key):
                 self._revive.pop(key, None)
             else:
                 self._revive.setdefault(key, now + REVIVE_FOR)
         self._revive = {k: until for k, until in self._revive.items() if until > now}
         self._expiry_task = None
-        # A route that ran out is a down at once (its lifetime was the hold); a poll that
-        # changed nothing must not cut short another down's hold.
-        self._evaluate(at_once=any(not self._state.has_route(*key) for key in had))
+        self._evaluate(at_once=True)  # the lifetime was the hold
 
 
 # --- debug entry point: python -m etrnd.link.watcher ---------------------------------------------
@@ -356,7 +392,8 @@ def _line(event: str, mono: float, **fields: object) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m etrnd.link.watcher",
                                 description="Print link decisions live (debugging aid).")
-    p.add_argument("-c", "--config", help="take watch: from this config file")
+    p.add_argument("-c", "--config", help="take watch: from this config file (every relay's "
+                   "own link too, when no option below overrides it)")
     p.add_argument("--interfaces", nargs="*", help="names or globs (none = any interface)")
     p.add_argument("--up-when", choices=["carrier", "address", "default-route"])
     p.add_argument("--family", choices=["ipv4", "ipv6", "any"])
@@ -372,17 +409,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _watch_from(args: argparse.Namespace) -> Watch:
-    base = load_config(args.config).watch if args.config else Watch()
+def _watch_from(args: argparse.Namespace) -> Watch | Plan:
+    config = load_config(args.config) if args.config else None
+    base = config.watch if config is not None else Watch()
     overrides = {k: v for k, v in {
         "interfaces": tuple(args.interfaces) if args.interfaces is not None else None,
         "up_when": args.up_when, "family": args.family,
         "settle": args.settle, "min_interval": args.min_interval,
         "down_hold": args.down_hold}.items() if v is not None}
+    if config is not None and not overrides:
+        return plan(config)
     return Watch.model_validate({**base.model_dump(), **overrides})
 
 
-async def _print_decisions(watch: Watch, args: argparse.Namespace) -> None:
+async def _print_decisions(watch: Watch | Plan, args: argparse.Namespace) -> None:
     def show(v: Verdict) -> None:
         print(_line("state", time.monotonic(), up=str(v.up).lower(), why=v.why), flush=True)
 
@@ -391,9 +431,13 @@ async def _print_decisions(watch: Watch, args: argparse.Namespace) -> None:
     async with watcher:
         print(_line("ready", time.monotonic(), state="up" if watcher.up else "down",
                     why=watcher.why), flush=True)
+        several = len(watcher.plan.links) > 1
         async for d in watcher.decisions():
             print(_line(d.kind, d.at, iface=d.iface, why=d.why,
-                        initial="true" if d.initial else None), flush=True)
+                        initial="true" if d.initial else None,
+                        link=d.link if several else None,
+                        relays=",".join(d.relays) if several else None,
+                        reason=d.reason if several else None), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,6 +45,10 @@ class RelayView:
 
     name: str
     status: RelayStatus | None
+    # The relay's own link (docs/two-lines.md), when it has one: whether the relay may run
+    # (its link up and, for a backup, the link it stands in for down) and since when.
+    link_up: bool | None = None
+    link_since: float | None = None
 
 
 def condition(st: RelayStatus | None) -> str:
@@ -90,10 +94,16 @@ def verdict(relays: Sequence[RelayView], now: float, link_up: bool,
             since = f" since {clock(link_since, now)}" if link_since else ""
             reasons.append(f"link down{since}; rounds start when it comes up")
         else:
-            good = [r for r in relays if condition(r.status) == "ok"]
-            reasons.append(f"link up; {len(good)} of {len(relays)} relays answered "
-                           "their last round" if len(good) < len(relays) else
+            # A relay whose own link is down, or a backup on standby, is not expected to.
+            active = [r for r in relays if r.link_up is not False]
+            good = [r for r in active if condition(r.status) == "ok"]
+            reasons.append(f"link up; {len(good)} of {len(active)} relays answered "
+                           "their last round" if len(good) < len(active) else
                            "link up; every relay accepted its last round")
+            idle = [r.name for r in relays if r.link_up is False]
+            if idle:
+                reasons.append(f"not running: {', '.join(idle)} (its link is down, or a "
+                               "link it stands in for is up)")
     return {"state": state, "text": "; ".join(reasons)}
 
 
@@ -125,7 +135,8 @@ def assess(relays: Sequence[RelayView], now: float, link_up: bool, link_since: f
     CRITICAL when a relay's round has gone unaccepted for `critical_after` seconds of link
     up time, WARNING after `warning_after` (0 = never) or while a config reload failed.
     """
-    late = {r.name: overdue(r.status, now, link_up, link_since) for r in relays}
+    late = {r.name: overdue(r.status, now, link_up, link_since) if r.link_up is None
+            else overdue(r.status, now, r.link_up, r.link_since) for r in relays}
     code, worst = OK, max(late.values(), default=0.0)
     if critical_after and worst >= critical_after:
         code = CRITICAL

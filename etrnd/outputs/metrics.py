@@ -88,8 +88,12 @@ class _Metrics:
             "outcome: relayed (the office MTA took it), refused (5xx), deferred (4xx or not "
             "confirmed; the provider keeps it).", ["relay", "outcome"], registry=reg)
         self.link_up = prom.Gauge(
-            "etrnd_link_up", "1 while the watched link is up (watch.up_when), else 0.",
-            registry=reg)
+            "etrnd_link_up", "1 while the watched link is up (watch.up_when), else 0; with "
+            "relays on links of their own, while any of them is.", registry=reg)
+        self.relay_link_up = prom.Gauge(
+            "etrnd_relay_link_up", "1 while the link that drives the relay is up, else 0, by "
+            "link (its interfaces as written) and relay: which link drives which relay "
+            "(relays[].watch, docs/two-lines.md).", ["link", "relay"], registry=reg)
         self.link_transitions = prom.Counter(
             "etrnd_link_transitions", "Link changes after start, by new state (up, down); "
             "blips within watch.down_hold are not changes.", ["to"], registry=reg)
@@ -102,8 +106,9 @@ class _Metrics:
             "(event_loop_stalled in the log).", registry=reg)
         self.link_up.set(0)
         self.stalls.inc(0)
-        self._link_up_at: float | None = None  # monotonic; None while the link is down
-        self._answered: set[str] = set()  # relays that replied since the link came up
+        self._links: dict[str, bool] = {}  # link name -> up
+        self._up_at: dict[str, float] = {}  # relay -> monotonic time its link came up
+        self._answered: set[str] = set()  # relays that replied since their link came up
 
     def relays(self, labels: Iterable[str]) -> None:
         """Series for every configured relay exist from the start (rate() needs a 0)."""
@@ -111,20 +116,28 @@ class _Metrics:
             for result in ROUND_RESULTS:
                 self.rounds.labels(relay, result)
 
-    def link(self, up: bool, at: float, initial: bool) -> None:
-        self.link_up.set(1 if up else 0)
+    def link(self, up: bool, at: float, initial: bool, name: str,
+             relays: Iterable[str]) -> None:
+        self._links[name] = up
+        self.link_up.set(1 if any(self._links.values()) else 0)
         if not initial:
             self.link_transitions.labels("up" if up else "down").inc()
-        self._link_up_at = at if up else None
-        self._answered.clear()
+        for relay in relays:
+            self.relay_link_up.labels(name, relay).set(1 if up else 0)
+            self._answered.discard(relay)
+            if up:
+                self._up_at[relay] = at
+            else:
+                self._up_at.pop(relay, None)
 
     def reply(self, relay: str, command: str, verdict: Reply) -> None:
         if verdict.code is None:
             return  # not a reply: the argument was never sent, or the session failed
         self.replies.labels(relay, command, f"{verdict.code // 100}xx").inc()
-        if self._link_up_at is not None and relay not in self._answered:
+        up_at = self._up_at.get(relay)
+        if up_at is not None and relay not in self._answered:
             self._answered.add(relay)
-            self.link_to_etrn.labels(relay).observe(time.monotonic() - self._link_up_at)
+            self.link_to_etrn.labels(relay).observe(time.monotonic() - up_at)
 
     def round_ended(self, relay: str, ended: Round | str) -> None:
         if isinstance(ended, str):
@@ -209,10 +222,12 @@ def attempt_failed(relay: str, cause: str) -> None:
         _metrics.failures.labels(relay, cause).inc()
 
 
-def link(kind: str, at: float, initial: bool) -> None:
-    """A link decision (link.watcher.Decision's kind, monotonic time, state at start)."""
+def link(kind: str, at: float, initial: bool, name: str = "*",
+         relays: Iterable[str] = ()) -> None:
+    """A link's decided state changed (up/down; monotonic time, state at start or not):
+    `name` is the link's, `relays` the ones it drives (etrnd.link.lines)."""
     if _metrics is not None and kind in ("up", "down"):
-        _metrics.link(kind == "up", at, initial)
+        _metrics.link(kind == "up", at, initial, name, relays)
 
 
 def stall() -> None:
@@ -221,9 +236,11 @@ def stall() -> None:
 
 
 # --- the listener ------------------------------------------------------------------------
-async def serve(config: Config, link_up: bool, last_success: LastSuccess) -> None:
+async def serve(config: Config, link_up: bool, last_success: LastSuccess,
+                links: Iterable[tuple[str, bool, tuple[str, ...]]] = ()) -> None:
     """Make the listener match `config.metrics`: start, move or stop it (at start and reload).
-    `link_up`: the link's state now, for metrics that a reload turns on while it is up;
+    `link_up`: the link's state now, for metrics that a reload turns on while it is up, and
+    `links` each link's (name, up, the relays it drives);
     `last_success`: each relay's last accepted reply (wall clock), read at each scrape.
 
     The first time metrics are configured this imports prometheus_client (~0.1 s, once).
@@ -235,6 +252,8 @@ async def serve(config: Config, link_up: bool, last_success: LastSuccess) -> Non
     if wanted is not None and _metrics is None:
         _metrics = _Metrics()
         _metrics.link_up.set(1 if link_up else 0)
+        for name, up, relays in links:
+            _metrics.link(up, time.monotonic(), True, name, relays)
         _last_success_collector(_metrics.registry, last_success)
     if _metrics is not None:
         _metrics.relays(r.label for r in config.relays)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,15 @@ class LinkView:
     up_when: str
     # Why the ISP cannot connect back to the up WAN (ETRN relays only), or None.
     not_public: str | None = None
+    # With relays on links of their own (docs/two-lines.md): the link's name, the relays it
+    # drives, those waiting because a link they stand in for is up, each backup's
+    # only_when_down, when each relay may run since (wall clock), and a down being held.
+    name: str = "*"
+    relays: tuple[str, ...] = ()
+    standby: frozenset[str] = frozenset()
+    backs_up: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    active_since: Mapping[str, float] = field(default_factory=dict)
+    holding: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class DaemonView:
     reload_failed: tuple[float, list[str]] | None = None  # the last reload, if it failed
     repeat_next: float | None = None  # wall clock of the next repeat round
     state_file: dict[str, Any] | None = None
+    links: Sequence[LinkView] = ()  # every link, when relays have their own (else `link`)
 
 
 def reload_problem(view: DaemonView) -> str | None:
@@ -76,14 +86,35 @@ def link_status(link: LinkView, now: float) -> dict[str, Any]:
             "up_when": link.up_when, "not_public": link.not_public}
 
 
+def links_status(link: LinkView, now: float) -> dict[str, Any]:
+    """One entry of `links`: the link's status, its name and the relays it drives."""
+    return {"name": link.name, **link_status(link, now),
+            "down_held_since": _iso(link.holding),
+            "relays": [{"name": r, "standby": r in link.standby,
+                        "only_when_down": list(link.backs_up.get(r, ()))}
+                       for r in link.relays]}
+
+
+def _relay_view(name: str, st: RelayStatus | None,
+                links: Sequence[LinkView]) -> health.RelayView:
+    # With links of their own, a relay is late only while it may run: a backup on standby
+    # is not (etrnd.link.lines).
+    for link in links:
+        if name in link.relays:
+            since = link.active_since.get(name)
+            return health.RelayView(name, st, link_up=since is not None, link_since=since)
+    return health.RelayView(name, st)
+
+
 def build(view: DaemonView) -> dict[str, Any]:
     """The status document the control socket returns (`etrnd status --json`); the keys are
     documented in docs/status.md and stable."""
     config, now = view.config, view.now or time.time()
-    relays = [health.RelayView(r.label, view.statuses.get(r.label)) for r in config.relays]
+    relays = [_relay_view(r.label, view.statuses.get(r.label), view.links)
+              for r in config.relays]
     problem = reload_problem(view)
     link = view.link
-    return {
+    doc: dict[str, Any] = {
         "version": __version__, "pid": os.getpid(), "now": _iso(now),
         "started": _iso(view.started), "config": str(view.path),
         "config_loaded": _iso(view.config_loaded),
@@ -102,7 +133,15 @@ def build(view: DaemonView) -> dict[str, Any]:
         "tasks": view.tasks,
         "relays": [relay_status(r, view.statuses.get(r.label), r.label in view.running, now)
                    for r in config.relays],
+        "links": [links_status(one, now) for one in view.links],
     }
+    for relay in doc["relays"]:
+        for one in view.links:
+            if relay["name"] in one.relays:
+                relay["link"] = one.name
+                if relay["name"] in one.standby and relay["state"] == "idle":
+                    relay["state"] = "standby"
+    return doc
 
 
 def _mark(mark: Mark | None) -> dict[str, Any] | None:
@@ -157,9 +196,11 @@ def _arg(arg: ArgStatus, hist: History | None, sent: bool) -> dict[str, Any]:
 
 
 def summary(link_up: bool, relays: Collection[Relay], statuses: Mapping[str, RelayStatus],
-            running: Collection[str]) -> str:
-    """The one-line STATUS= that `systemctl status etrnd` shows."""
+            running: Collection[str], links: Sequence[LinkView] = ()) -> str:
+    """The one-line STATUS= that `systemctl status etrnd` shows; with more than one link,
+    each link's state first (`eth1 up, wwan0 up; fiber: ..., lte: standby`)."""
     parts = []
+    standby = {r for link in links for r in link.standby}
     for relay in relays:
         st = statuses.get(relay.label)
         if relay.label in running:
@@ -169,8 +210,13 @@ def summary(link_up: bool, relays: Collection[Relay], statuses: Mapping[str, Rel
             ok = sum(1 for a in st.args.values() if str(a.outcome) == "accepted")
             mail = (f", {st.messages.relayed} relayed" if relay.protocol == "odmr" else "")
             parts.append(f"{relay.label}: {ok}/{len(st.args)} accepted{mail}")
+        elif relay.label in standby:
+            parts.append(f"{relay.label}: standby")
         else:
             parts.append(f"{relay.label}: idle")
+    if len(links) > 1:
+        state = ", ".join(f"{link.name} {'up' if link.up else 'down'}" for link in links)
+        return f"{state}; " + ", ".join(parts)
     return f"{'link up' if link_up else 'link down'}; " + ", ".join(parts)
 
 
@@ -210,13 +256,26 @@ class _Clock:
 
 
 def render_link(link: Mapping[str, Any], when: _Clock) -> str:
-    """One link's line: state, for how long, transitions since start, why."""
+    """One link's line: state, for how long, transitions since start, why; an entry of
+    `links` also says its name and the relays it drives (`lte (only while fiber down:
+    standby)`)."""
     since = link.get("since")
     held = f" for {duration(when.now - (_wall(since) or when.now))} (since {when.at(since)})" \
         if since else ""
     changes = link.get("transitions", 0)
-    return (f"link: {'UP' if link.get('up') else 'DOWN'}{held}, {changes} transition"
+    name = f" {link['name']}" if "name" in link else ""
+    line = (f"link{name}: {'UP' if link.get('up') else 'DOWN'}{held}, {changes} transition"
             f"{'' if changes == 1 else 's'} since start ({link.get('why') or 'no details'})")
+    if "relays" not in link:
+        return line
+    relays = []
+    for relay in link.get("relays", []):
+        text = relay.get("name", "?")
+        if relay.get("only_when_down"):
+            text += (f" (only while {', '.join(relay['only_when_down'])} down: "
+                     f"{'standby' if relay.get('standby') else 'active'})")
+        relays.append(text)
+    return f"{line}; drives {', '.join(relays) or 'no relay'}"
 
 
 def _mark_text(mark: Mapping[str, Any] | None, when: _Clock) -> str:
@@ -245,12 +304,13 @@ def render(status: dict[str, Any]) -> str:
     check = status.get("health")
     if check:
         lines.append(f"health: {check.get('status')}, {check.get('text', '')}")
-    link = status.get("link") or {}
-    if link:
-        lines.append(render_link(link, when))
-    if link.get("not_public"):
-        lines.append(f"  WAN not reachable from the ISP: {link['not_public']} "
-                     "(ETRN cannot work here; see protocol: odmr)")
+    links = status.get("links") or []
+    for link in links if len(links) > 1 else [status.get("link") or {}]:
+        if link:
+            lines.append(render_link(link, when))
+        if link.get("not_public"):
+            lines.append(f"  WAN not reachable from the ISP: {link['not_public']} "
+                         "(ETRN cannot work here; see protocol: odmr)")
     repeat = status.get("repeat") or {}
     every = repeat.get("every_s") or 0
     lines.append(f"rounds: {status.get('rounds_started', 0)} started, last "

@@ -22,11 +22,15 @@ OnReply = Callable[[str, Verdict], None]
 # would answer the provider's retransmission with a reset mid-DATA. Any other cancel (stop,
 # reload) ends every session now, gracefully.
 LINK_DOWN = "link_down"
+# What it cancels a backup's round with when a line it stands in for is back (only_when_down,
+# docs/two-lines.md): the backup's own line is up, so a transfer in progress finishes the
+# same way, and no new session or retry starts.
+STANDBY = "standby"
 
 
 def keeps_session(cancel: asyncio.CancelledError) -> bool:
-    """Whether `cancel` came from a link-down (see LINK_DOWN), not a stop."""
-    return bool(cancel.args) and cancel.args[0] == LINK_DOWN
+    """Whether `cancel` came from a link-down or standby (LINK_DOWN, STANDBY), not a stop."""
+    return bool(cancel.args) and cancel.args[0] in (LINK_DOWN, STANDBY)
 
 
 def ignore_host(_: str) -> None:

@@ -17,6 +17,7 @@ from etrnd import __version__
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
 from etrnd.config.schema import Config, ConfigError, Relay, load_config, resolve_path
 from etrnd.link import egress
+from etrnd.link.lines import LinkChange, plan
 from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
@@ -27,7 +28,7 @@ from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
 from etrnd.protocols import smtp
 from etrnd.protocols.odmr.hangup import STOP_DRAIN
-from etrnd.protocols.seam import LINK_DOWN
+from etrnd.protocols.seam import STANDBY
 from etrnd.service.control import ControlError, ControlServer
 from etrnd.service.history import RelayHistory
 from etrnd.service.mtagate import Gate
@@ -49,8 +50,6 @@ STOP_NOTIFY_DRAIN = 0.2
 RELOAD_READ_TIMEOUT = 10.0
 # The state file's last write at stop, inside STOP_GRACE.
 STATE_SAVE_AT_STOP = 0.3
-# STATUS= is a line for humans: the changes of this long (a link-up, its round) make one.
-PUBLISH_DELAY = 0.01
 
 
 class Daemon:
@@ -63,7 +62,7 @@ class Daemon:
         self.config = config
         self.config_loaded = time.time()
         self.reload_failed: tuple[float, list[str]] | None = None
-        self.link_transitions = 0
+        self.link_transitions: dict[str, int] = {}  # link name -> up/down changes since start
         self.repeat_next: float | None = None
         self.notifier = notifier or Notifier()
         self.stalls = stalls or StallDetector(sample=False)
@@ -71,7 +70,6 @@ class Daemon:
         self.started = time.time()
         self.rounds_started = 0
         self.last_round: float | None = None
-        self.link_since: float | None = None
         self._stop = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -87,9 +85,10 @@ class Daemon:
         # Relays a trigger already served while a link-up round was owed (settle, or
         # min_interval): that round, when it comes, leaves them out.
         self._served_early: set[str] = set()
+        # Backups whose round ends after the session in progress (standby, see cancel_rounds).
+        self._finishing: set[str] = set()
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
-        self._publish_timer: asyncio.TimerHandle | None = None
         self._gate: Gate | None = None
         self._router = egress.Router()  # route look-ups before sessions, one socket kept
         # The FQDN lookup (EHLO without `helo:`) waits for a link that is up: see _warm_up.
@@ -115,7 +114,8 @@ class Daemon:
         # link_up: the watcher starts after this, and tells.
         await metrics.serve(self.config, link_up=False, last_success=self._last_successes)
         try:
-            self._watcher = LinkWatcher(self.config.watch, on_verdict=lambda _: self._publish())
+            self._watcher = LinkWatcher(plan(self.config), on_verdict=lambda _: self._publish(),
+                                        on_link=self._on_link)
             await self._watcher.start()
             await self._router.warm()
             if self._watcher.up:
@@ -177,8 +177,6 @@ class Daemon:
         # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
         await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
         self._router.close()
-        if self._publish_timer is not None:
-            self._publish_timer.cancel()
         self.notifier.close()
 
     def on_stall(self, stall: Stall) -> None:
@@ -202,41 +200,46 @@ class Daemon:
             log.error("daemon_fatal", reason="link watcher failed", error=str(exc))
             raise
 
+    def _on_link(self, change: LinkChange) -> None:
+        """A link's decided state changed (not a blip): count it, tell the metrics."""
+        if not change.initial and change.kind != "blip":
+            self.link_transitions[change.link] = self.link_transitions.get(change.link, 0) + 1
+        drives = self._watcher.plan.drives(change.link) if self._watcher is not None else ()
+        metrics.link(change.kind, change.since, change.initial, change.link, drives)
+
     def on_decision(self, decision: Decision) -> None:
-        metrics.link(decision.kind, decision.at, decision.initial)
-        if decision.kind in ("up", "down") and not decision.initial:
-            self.link_transitions += 1
-        # A down acted on after watch.down_hold began earlier: date it from then.
-        since = time.time() - (decision.at - (decision.since or decision.at))
+        """A link decision for the relays it names (etrnd.link.lines: their link, failover)."""
+        relays = set(decision.relays)
         if decision.kind == "up":
-            self.link_since = since
+            self._finishing -= relays  # may run again: a round still on retries as usual
             self._resolve_helo_once()
-            self._warn_not_public(decision.iface)
+            self._warn_not_public(decision.iface, relays)
         elif decision.kind == "down":
-            self.link_since = since
-            self._served_early.clear()
-            self.cancel_rounds(LINK_DOWN)
+            self._served_early -= relays
+            # link_down or standby (seam.LINK_DOWN, STANDBY): an ODMR transfer in progress
+            # goes on (its line may return; a backup's own line is still up).
+            self.cancel_rounds(decision.reason, only=relays)
         else:
-            served, self._served_early = self._served_early, set()
-            self.start_rounds(None, "link_up", skip=served)
+            served = self._served_early & relays
+            self._served_early -= relays
+            self.start_rounds(None, decision.reason, skip=served, among=relays)
         self._publish()
 
-    def wan_not_public(self, iface: str | None = None) -> str | None:
-        """Why the ISP cannot connect back to the up interface (CGNAT, RFC 1918), or None."""
+    def wan_not_public(self, iface: str | None) -> str | None:
+        """Why the ISP cannot connect back to `iface` (CGNAT, RFC 1918), or None."""
         watcher = self._watcher
-        iface = iface or (watcher.verdict.iface if watcher is not None else None)
-        if watcher is None or not watcher.up or iface is None:
+        if watcher is None or iface is None:
             return None
         return not_public(watcher.addresses(iface, socket.AF_INET),
                           watcher.addresses(iface, socket.AF_INET6))
 
-    def _warn_not_public(self, iface: str | None) -> None:
+    def _warn_not_public(self, iface: str | None, relays: Collection[str]) -> None:
         """Once per link-up: ETRN asks the ISP to connect to us, which it cannot here."""
         reason = self.wan_not_public(iface)
         if reason is None:
             return
         for relay in self.config.relays:
-            if relay.protocol == "etrn":
+            if relay.protocol == "etrn" and relay.label in relays:
                 log.warning("etrn_wan_not_public", relay=relay.label, iface=iface,
                             reason=reason, hint="the ISP cannot connect to this line to "
                             "deliver; ODMR (protocol: odmr) collects mail over our own "
@@ -268,23 +271,28 @@ class Daemon:
         while True:
             self.repeat_next = time.time() + every
             await asyncio.sleep(every)
-            if self._watcher is not None and self._watcher.up:
-                self.start_rounds(None, "repeat")
+            watcher = self._watcher
+            if watcher is not None:
+                running = {r.label for r in self.config.relays if watcher.may_run(r.label)}
+                if running:
+                    self.start_rounds(None, "repeat", among=running)
 
     # --- rounds ----------------------------------------------------------------------------
-    def start_rounds(self, only: str | None, reason: str,
-                     skip: Collection[str] = ()) -> list[str]:
-        """Start a round on each relay (or one) that has none running; returns their names."""
-        return [name for name, what in self.rounds_for(only, reason, skip).items()
+    def start_rounds(self, only: str | None, reason: str, skip: Collection[str] = (),
+                     among: Collection[str] | None = None) -> list[str]:
+        """Start a round on each relay (or one, or those `among`) that has none running;
+        returns their names."""
+        return [name for name, what in self.rounds_for(only, reason, skip, among).items()
                 if what == ROUND_STARTED]
 
-    def rounds_for(self, only: str | None, reason: str,
-                   skip: Collection[str] = ()) -> dict[str, str]:
+    def rounds_for(self, only: str | None, reason: str, skip: Collection[str] = (),
+                   among: Collection[str] | None = None) -> dict[str, str]:
         """Like start_rounds; returns what happened to each relay, in words for `trigger`."""
         started: list[str] = []
         done: dict[str, str] = {}
         for relay in self.config.relays:
-            if (only is not None and relay.label != only) or relay.label in skip:
+            if ((only is not None and relay.label != only) or relay.label in skip
+                    or (among is not None and relay.label not in among)):
                 continue
             running = self._tasks.get(relay.label)
             if running is not None:
@@ -297,7 +305,7 @@ class Daemon:
                     done[relay.label] = "retrying now (was in backoff)"
                 else:
                     done[relay.label] = "round already in progress"
-                if reason != "link_up" and reason != "repeat":
+                if reason not in ("link_up", "failover", "repeat"):
                     self._wake[relay.label].set()
                 log.info("round_busy", relay=relay.label, reason=reason)
                 continue
@@ -318,6 +326,8 @@ class Daemon:
 
         async def sleep(delay: float) -> None:
             self.state.changed()  # the failed attempt is worth keeping across a restart
+            if relay.label in self._finishing:  # standby: no retry after that session
+                raise asyncio.CancelledError(STANDBY)
             # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
             # wait_for: in 3.11 wait_for can swallow the cancel a link-down sends.
             with contextlib.suppress(TimeoutError):
@@ -330,7 +340,7 @@ class Daemon:
             if self._gate is not None:
                 await self._hold(relay)  # False when the wait ran out: the round goes ahead
             log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
-            with egress.expecting(self._expected()):
+            with egress.expecting(self._expected(relay.label)):
                 ended = await run_round(relay, self.config.retry, None, status, sleep=sleep)
         except asyncio.CancelledError:
             raise
@@ -342,6 +352,7 @@ class Daemon:
             metrics.round_ended(relay.label, ended)
             if self._tasks.get(relay.label) is asyncio.current_task():
                 del self._tasks[relay.label]
+                self._finishing.discard(relay.label)
             self.state.changed()
             self._publish()
 
@@ -362,17 +373,32 @@ class Daemon:
                                                                                  mta.max_wait):
             self._gate = Gate(mta.address, mta.max_wait)
 
-    def _expected(self) -> egress.Expected:
+    def _expected(self, relay: str) -> egress.Expected:
+        """The relay's own link: the interface its route must leave through."""
         watcher = self._watcher
+
+        def iface() -> str | None:
+            verdict = watcher.verdict_of(relay) if watcher is not None else None
+            return verdict.iface if verdict is not None else None
+
         return egress.Expected(
-            iface=lambda: watcher.verdict.iface if watcher is not None else None,
-            patterns=tuple(self.config.watch.interfaces),
+            iface=iface,
+            patterns=(watcher.interfaces_of(relay) if watcher is not None
+                      else tuple(self.config.watch.interfaces)),
             addresses=watcher.addresses if watcher is not None else lambda _n, _f: [],
             router=self._router)
 
     def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
         for label, task in list(self._tasks.items()):
             if only is not None and label not in only:
+                continue
+            st = self._status.get(label)
+            if reason == STANDBY and st is not None and st.running and st.next_try is None:
+                # A backup in a session when the line it stands in for returns: its own line
+                # is up, so the session ends as it would (an ODMR transfer finishes and is
+                # counted), and the round stops there instead of retrying.
+                self._finishing.add(label)
+                log.info("round_ends_after_session", relay=label, reason=reason)
                 continue
             log.info("round_cancelled", relay=label, reason=reason)
             task.cancel(reason)  # LINK_DOWN lets a turnaround go on: see seam.keeps_session
@@ -384,8 +410,16 @@ class Daemon:
     def trigger(self, relay: str | None, reason: str) -> dict[str, str]:
         """A round now on `relay` (None: all); returns what happened to each, in words."""
         took = self._take_pending(relay)
-        log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took)
-        done = self.rounds_for(relay, reason)
+        # A trigger for all leaves out a backup on standby (a link it stands in for is up);
+        # one that names the relay runs it all the same.
+        watcher = self._watcher
+        standby = ({r.label for r in self.config.relays if watcher.standby(r.label)}
+                   if watcher is not None and relay is None else set())
+        log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took,
+                 **({"standby": sorted(standby)} if standby else {}))
+        done = self.rounds_for(relay, reason, skip=standby)
+        for label in sorted(standby):
+            done[label] = "standby: a link it stands in for is up (name it to run it)"
         self._publish()
         return done
 
@@ -393,12 +427,16 @@ class Daemon:
         """A trigger while a link-up round is owed (settle) is that round, not one more: the
         ISP would get every ETRN twice. True if the trigger took it (for all relays)."""
         watcher = self._watcher
-        if watcher is None or watcher.round_due() is None:
+        if watcher is None or watcher.round_due(relay) is None:
             return False
         if relay is not None:
+            group = watcher.plan.group_of(relay)
+            together = set(group.relays) if group is not None else {relay}
             self._served_early.add(relay)
-            if not {r.label for r in self.config.relays} <= self._served_early:
+            if not together <= self._served_early:
                 return False  # the others still get theirs when it is due
+            self._served_early -= together
+            return watcher.take_pending(together)
         self._served_early.clear()
         return watcher.take_pending()
 
@@ -456,22 +494,24 @@ class Daemon:
         self.config = new
         self.config_loaded, self.reload_failed = time.time(), None
         self._set_gate(new)
-        if new.watch != old.watch and self._watcher is not None:
-            self._watcher.reconfigure(new.watch)
+        if self._watcher is not None and plan(new) != self._watcher.plan:
+            self._watcher.reconfigure(plan(new))
         if new.repeat != old.repeat:
             self._restart_repeat()
         await metrics.serve(new, link_up=self._watcher is not None and self._watcher.up,
-                            last_success=self._last_successes)
+                            last_success=self._last_successes, links=self._metric_links())
         added = sorted(kept.keys() - before.keys())
         changed = sorted(gone & kept.keys())
         log.info("config_reloaded", config=str(self.path),
                  relays=[r.label for r in new.relays], added=added,
                  removed=sorted(before.keys() - kept.keys()), changed=changed)
-        if self._watcher is not None and self._watcher.up:
-            # A relay added while the link is up (or changed mid-round: that round was
+        watcher = self._watcher
+        if watcher is not None:
+            # A relay added while its link is up (or changed mid-round: that round was
             # cancelled) would otherwise wait for the next link-up.
             for label in [*added, *sorted(interrupted & kept.keys())]:
-                self.start_rounds(label, "config_reloaded")
+                if watcher.may_run(label):
+                    self.start_rounds(label, "config_reloaded")
         self.state.changed()
 
     # --- control socket and status -----------------------------------------------------------
@@ -488,14 +528,17 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         watcher = self._watcher
-        link = status_doc.LinkView(
+        links = self._links()
+        # `link`: the only link, or (relays on links of their own) all of them in one.
+        link = links[0] if len(links) == 1 else status_doc.LinkView(
             up=bool(watcher and watcher.up), why=watcher.why if watcher else "",
-            since=self.link_since, transitions=self.link_transitions,
-            watching=tuple(self.config.watch.interfaces), up_when=self.config.watch.up_when,
-            not_public=self.wan_not_public()
-            if any(r.protocol == "etrn" for r in self.config.relays) else None)
+            since=max((ln.since for ln in links if ln.since is not None), default=None),
+            transitions=sum(ln.transitions for ln in links),
+            watching=tuple(p for ln in links for p in ln.watching),
+            up_when=self.config.watch.up_when,
+            not_public=next((ln.not_public for ln in links if ln.not_public), None))
         doc = status_doc.build(status_doc.DaemonView(
-            path=self.path, config=self.config, started=self.started, link=link,
+            path=self.path, config=self.config, started=self.started, link=link, links=links,
             rounds_started=self.rounds_started,
             last_round=self.last_round, tasks=len(asyncio.all_tasks()),
             statuses=self._status, running=self._tasks.keys(),
@@ -518,20 +561,46 @@ class Daemon:
         """The one-line STATUS= that `systemctl status etrnd` shows."""
         watcher = self._watcher
         line = status_doc.summary(bool(watcher and watcher.up), self.config.relays,
-                                  self._status, self._tasks.keys())
+                                  self._status, self._tasks.keys(), self._links())
         if self._gate is not None and self._gate.waiting:
             line += f"; waiting for the local MTA {self._gate.target}"
         return line
 
-    def _publish(self) -> None:
-        """STATUS= for `systemctl status`: nothing at all without a notify socket; else built
-        once for all the changes of the next PUBLISH_DELAY, so a link-up's connect goes first."""
-        if self.notifier.enabled and self._publish_timer is None:
-            self._publish_timer = asyncio.get_running_loop().call_later(
-                PUBLISH_DELAY, self._publish_now)
+    def _links(self) -> list[status_doc.LinkView]:
+        """Each link, the relays it drives and which of them wait on failover (wall clock)."""
+        watcher = self._watcher
+        if watcher is None:
+            return []
+        offset = time.time() - time.monotonic()  # the watcher's times are monotonic
 
-    def _publish_now(self) -> None:
-        self._publish_timer = None
+        def wall(mono: float | None) -> float | None:
+            return None if mono is None else mono + offset
+
+        backs_up = {r.label: r.watch.only_when_down for r in self.config.relays
+                    if r.watch is not None and r.watch.only_when_down}
+        etrn = {r.label for r in self.config.relays if r.protocol == "etrn"}
+        out = []
+        for view in watcher.links():
+            spec = watcher.plan.link(view.name)
+            active = {r: t + offset for r in view.relays
+                      if (t := watcher.may_run_since(r)) is not None}
+            out.append(status_doc.LinkView(
+                up=view.up, why=view.why, since=wall(view.since),
+                transitions=self.link_transitions.get(view.name, 0),
+                watching=spec.interfaces, up_when=spec.up_when,
+                not_public=(self.wan_not_public(view.iface)
+                            if view.up and etrn & set(view.relays) else None),
+                name=view.name, relays=view.relays,
+                standby=frozenset(r for r in view.relays if watcher.standby(r)),
+                backs_up={r: backs_up[r] for r in view.relays if r in backs_up},
+                active_since=active, holding=wall(view.holding)))
+        return out
+
+    def _metric_links(self) -> list[tuple[str, bool, tuple[str, ...]]]:
+        watcher = self._watcher
+        return [] if watcher is None else [(v.name, v.up, v.relays) for v in watcher.links()]
+
+    def _publish(self) -> None:
         self.notifier.status(self.summary())
 
     def _last_successes(self) -> dict[str, float | None]:
