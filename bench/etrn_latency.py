@@ -25,6 +25,7 @@ Only namespaces this script creates are touched; they are removed at the end.
 from __future__ import annotations
 
 import argparse
+import compileall
 import ctypes
 import os
 import queue
@@ -103,8 +104,8 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str | None:
 
 
 @contextmanager
-def lab() -> Iterator[tuple[Netns, Netns, str, str]]:
-    with linked("b", ISP, OFFICE) as pair:
+def lab(prefix: str) -> Iterator[tuple[Netns, Netns, str, str]]:
+    with linked(prefix, ISP, OFFICE) as pair:
         isp, office, isp_if, wan = pair.isp, pair.office, pair.isp_if, pair.office_if
         isp.run("sysctl", "-qw", f"net.ipv4.conf.{isp_if}.ignore_routes_with_linkdown=1")
         office.run("sysctl", "-qw", f"net.ipv4.conf.{wan}.ignore_routes_with_linkdown=1")
@@ -113,7 +114,7 @@ def lab() -> Iterator[tuple[Netns, Netns, str, str]]:
         yield isp, office, isp_if, wan
 
 
-def write_config(tmp: Path, wan: str, fmt: str = "json") -> Path:
+def write_config(tmp: Path, wan: str, fmt: str = "json", level: str = "warning") -> Path:
     config = tmp / "etrnd.yaml"
     config.write_text(
         f"watch: {{interfaces: [{wan}], up_when: carrier, settle: 0s, min_interval: 0s,"
@@ -122,7 +123,7 @@ def write_config(tmp: Path, wan: str, fmt: str = "json") -> Path:
         "      helo: office.example.test, etrn: ['@example.test']}\n"
         "retry: {first_delay: 1s, max_delay: 1s, give_up_after: 5s}\n"
         f"control: {{socket: {tmp / 'control.sock'}}}\n"
-        f"log: {{level: warning, format: {fmt}}}\n")
+        f"log: {{level: {level}, format: {fmt}}}\n")
     return config
 
 
@@ -155,28 +156,37 @@ class KernelStamps:
         return min((t for t in self.stamps if t >= t0), default=float("nan"))
 
 
-def flap(ipr: IPRoute, index: int, server: subprocess.Popen[str], flaps: int,
-         kernel: KernelStamps) -> tuple[list[float], list[float]]:
-    """Per flap: WAN down, WAN up (stamped), wait for the ETRN at the server.
+class Lane:
+    """One contender's lab: its ISP server, its WAN, and this process's netlink sockets in
+    its office namespace (flapping and stamping happen there)."""
 
-    Returns latencies from the up request and from the kernel's link-up event, in ms.
-    """
-    latencies, from_event = [], []
-    for _ in range(flaps):
-        ipr.link("set", index=index, state="down")
+    def __init__(self, isp: Netns, office: Netns, wan: str) -> None:
+        self.isp, self.office, self.wan = isp, office, wan
+        self.server = isp.popen(sys.executable, "-m", "etrnd.demo", "--serve", f"{ISP}:{PORT}",
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert read_line(self.server, 10) == "READY"  # type: ignore[arg-type]
+        enter(office)  # the sockets below stay in this namespace
+        self.ipr = IPRoute()
+        self.index = self.ipr.link_lookup(ifname=wan)[0]
+        self.kernel = KernelStamps(self.index)
+        self.latencies: list[float] = []
+        self.from_event: list[float] = []
+
+    def flap(self) -> None:
+        """WAN down, WAN up (stamped), wait for the ETRN at the server."""
+        self.ipr.link("set", index=self.index, state="down")
         time.sleep(0.15)  # let the contender see the down and finish any session
-        while read_line(server, 0) is not None:
+        while read_line(self.server, 0) is not None:  # type: ignore[arg-type]
             pass
         t0 = time.monotonic()
-        ipr.link("set", index=index, state="up")
-        line = read_line(server, 5.0)
+        self.ipr.link("set", index=self.index, state="up")
+        line = read_line(self.server, 5.0)  # type: ignore[arg-type]
         if line is None:
             raise RuntimeError("no ETRN within 5 s of link-up")
         received = float(line.split()[-1])
-        latencies.append((received - t0) * 1000)
-        from_event.append((received - kernel.first_after(t0)) * 1000)
+        self.latencies.append((received - t0) * 1000)
+        self.from_event.append((received - self.kernel.first_after(t0)) * 1000)
         time.sleep(0.1)
-    return latencies, from_event
 
 
 def pct(values: list[float], q: float) -> float:
@@ -233,72 +243,106 @@ def proc_stats(pid: int) -> tuple[int, int]:
     return rss, switches
 
 
+def loadavg() -> str:
+    return "load " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def start(lane: Lane, cmd: list[str], etrnd: bool,
+          env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    proc = lane.office.popen(*cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=ROOT, env=env)
+    if not etrnd:
+        assert read_line(proc, 10) == "READY"  # type: ignore[arg-type]
+    elif read_line(lane.server, 10) is None:  # type: ignore[arg-type]
+        # The start-up round (link already up) tells us it is watching.
+        raise RuntimeError("etrnd did not send its start-up ETRN")
+    return proc  # type: ignore[return-value]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flaps", type=int, default=50)
     parser.add_argument("--idle", type=float, default=60.0, help="idle measurement, seconds")
+    parser.add_argument("--log-level", default="warning", choices=["info", "warning"],
+                        help="etrnd's log.level (info: every event line is written)")
+    parser.add_argument("--no-dispatchers", action="store_true",
+                        help="skip the two spawn-per-event contenders")
     args = parser.parse_args()
-    results: dict[str, list[float]] = {}
-    with lab() as (isp, office, _, wan), tempfile.TemporaryDirectory() as tmpdir:
+    # An installed etrnd has its bytecode (pip compiles it); a checkout run with
+    # PYTHONDONTWRITEBYTECODE would compile every module at each start instead.
+    compileall.compile_dir(ROOT / "etrnd", quiet=1)
+    with lab("b") as (isp_a, office_a, _, wan_a), lab("c") as (isp_b, office_b, _, wan_b), \
+            tempfile.TemporaryDirectory() as tmpdir, ExitStack() as procs:
         tmp = Path(tmpdir)
-        config = write_config(tmp, wan)
-        server = isp.popen(sys.executable, "-m", "etrnd.demo", "--serve", f"{ISP}:{PORT}",
-                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert read_line(server, 10) == "READY"
-        enter(office)
-        ipr = IPRoute()
-        index = ipr.link_lookup(ifname=wan)[0]
-        kernel = KernelStamps(index)
-        contenders = {
-            "floor (bench/floor.py)": [sys.executable, str(ROOT / "bench" / "floor.py"), wan,
-                                       ISP, str(PORT)],
-            "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config)],
-            "dispatcher + etrnd send": [
-                sys.executable, "-c", WATCHER, wan, sys.executable, "-m", "etrnd", "send",
-                "-c", str(config)],
-            "dispatcher + smtplib": [
-                sys.executable, "-c", WATCHER, wan, sys.executable, "-S", "-c", ONESHOT,
-                ISP, str(PORT)],
-        }
-        for name, cmd in contenders.items():
-            with ExitStack() as stack:
-                proc = office.popen(*cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    text=True, cwd=ROOT)
-                stack.callback(proc.terminate)
-                if name != "etrnd run":
-                    assert read_line(proc, 10) == "READY"  # type: ignore[arg-type]
-                else:
-                    # The start-up round (link already up) tells us it is watching.
-                    if read_line(server, 10) is None:
-                        raise RuntimeError("etrnd did not send its start-up ETRN")
-                results[name], from_event = flap(ipr, index, server, args.flaps, kernel)
-                print(report(name, results[name]), flush=True)
-                print(report("  from the kernel's event", from_event), flush=True)
-        floor, etrnd = results["floor (bench/floor.py)"], results["etrnd run"]
-        print(f"etrnd / floor: median {statistics.median(etrnd) / statistics.median(floor):.2f}x"
-              f", p99 {pct(etrnd, 99) / pct(floor, 99):.2f}x", flush=True)
+        (tmp / "a").mkdir()
+        (tmp / "b").mkdir()
+        config_a = write_config(tmp / "a", wan_a, level=args.log_level)
+        config_b = write_config(tmp / "b", wan_b, level=args.log_level)
+        # The floor and etrnd each in a lab of their own, both running, flapped in turn
+        # (etrnd first in odd flaps): a busy moment of the machine hurts both alike.
+        floor, etrnd = Lane(isp_a, office_a, wan_a), Lane(isp_b, office_b, wan_b)
+        print(f"{loadavg()} at start", flush=True)
+        for lane, cmd, is_etrnd in (
+                (floor, [sys.executable, str(ROOT / "bench" / "floor.py"), wan_a, ISP,
+                         str(PORT)], False),
+                (etrnd, [sys.executable, "-m", "etrnd", "run", "-c", str(config_b)], True)):
+            # etrnd keeps its state file, as under systemd (StateDirectory=).
+            env = {**os.environ, "STATE_DIRECTORY": str(tmp / "b")} if is_etrnd else None
+            proc = start(lane, cmd, is_etrnd, env)
+            procs.callback(proc.terminate)
+        for i in range(args.flaps):
+            for lane in (floor, etrnd) if i % 2 == 0 else (etrnd, floor):
+                lane.flap()
+        procs.close()
+        for name, lane in (("floor (bench/floor.py)", floor), ("etrnd run", etrnd)):
+            print(report(name, lane.latencies), flush=True)
+            print(report("  from the kernel's event", lane.from_event), flush=True)
+        print(f"etrnd / floor: median "
+              f"{statistics.median(etrnd.latencies) / statistics.median(floor.latencies):.2f}x"
+              f", p99 {pct(etrnd.latencies, 99) / pct(floor.latencies, 99):.2f}x; "
+              f"{loadavg()}", flush=True)
+
+        if not args.no_dispatchers:
+            dispatchers = {
+                "dispatcher + etrnd send": [
+                    sys.executable, "-c", WATCHER, wan_a, sys.executable, "-m", "etrnd",
+                    "send", "-c", str(config_a)],
+                "dispatcher + smtplib": [
+                    sys.executable, "-c", WATCHER, wan_a, sys.executable, "-S", "-c", ONESHOT,
+                    ISP, str(PORT)],
+            }
+            for name, cmd in dispatchers.items():
+                floor.latencies, floor.from_event = [], []
+                with ExitStack() as stack:
+                    stack.callback(start(floor, cmd, False).terminate)
+                    for _ in range(args.flaps):
+                        floor.flap()
+                print(report(name, floor.latencies), flush=True)
+                print(report("  from the kernel's event", floor.from_event), flush=True)
 
         starts = {
-            "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config)],
-            "floor": [sys.executable, str(ROOT / "bench" / "floor.py"), wan, ISP, str(PORT)],
+            "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config_a)],
+            "floor": [sys.executable, str(ROOT / "bench" / "floor.py"), wan_a, ISP, str(PORT)],
         }
         ready: dict[str, list[float]] = {name: [] for name in starts}
         for _ in range(5):  # interleaved, so a busy moment hurts both alike
             for name, cmd in starts.items():
-                ready[name] += ready_time(office, cmd, tmp, 2)
+                ready[name] += ready_time(office_a, cmd, tmp, 2)
         for name, times in ready.items():
             print(f"start -> READY=1 ({name}): median {statistics.median(times) * 1000:.0f} ms,"
                   f" max {max(times) * 1000:.0f} ms over {len(times)} starts", flush=True)
         ratio = statistics.median(ready["etrnd run"]) / statistics.median(ready["floor"])
-        print(f"READY etrnd / floor: {ratio:.2f}x", flush=True)
-        sends = send_time(office, config, 10)
+        print(f"READY etrnd / floor: {ratio:.2f}x; {loadavg()}", flush=True)
+        sends = send_time(office_a, config_a, 10)
         print(f"etrnd send (link up, one ETRN): median {statistics.median(sends) * 1000:.0f} ms,"
-              f" max {max(sends) * 1000:.0f} ms over {len(sends)} runs", flush=True)
+              f" max {max(sends) * 1000:.0f} ms over {len(sends)} runs; {loadavg()}",
+              flush=True)
 
         if args.idle > 0:
-            proc = office.popen(sys.executable, "-m", "etrnd", "run", "-c", str(config),
-                                stderr=subprocess.DEVNULL, cwd=ROOT)
-            read_line(server, 10)
+            proc = office_a.popen(sys.executable, "-m", "etrnd", "run", "-c", str(config_a),
+                                  stderr=subprocess.DEVNULL, cwd=ROOT,
+                                  env={**os.environ, "STATE_DIRECTORY": str(tmp / "a")})
+            read_line(floor.server, 10)  # type: ignore[arg-type]
             time.sleep(1.0)
             # `ip netns exec` execs python in place, so the Popen PID is the daemon's.
             rss0, sw0 = proc_stats(proc.pid)
@@ -308,7 +352,8 @@ def main() -> int:
             proc.wait(5)
             print(f"idle {args.idle:g} s: RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB, "
                   f"{sw1 - sw0} context switches ({(sw1 - sw0) / args.idle:.2f}/s)", flush=True)
-        ipr.close()
+        floor.ipr.close()
+        etrnd.ipr.close()
     return 0
 
 

@@ -73,12 +73,13 @@ async def _send(relays: Sequence[Relay], retry: Retry,
     # A lookup hung on a dead name server must not hold up the exit (see offloop).
     asyncio.get_running_loop().set_default_executor(ThreadPerCall())
     # No watcher here: the route to each relay is checked against its own link's state, read
-    # once by the daemon's own rules (etrnd.link.egress.expected_now), while the HELO name resolves.
-    reading = (asyncio.create_task(egress.expected_now(*(config.watch_of(r) for r in relays)))
-               if config else None)
+    # once (when it matters) by the daemon's own rules (etrnd.link.egress.expected_for_send),
+    # while the HELO name resolves.
+    reading = ([asyncio.create_task(egress.expected_for_send(config.watch_of(r)))
+                for r in relays] if config else None)
     if any(r.helo is None for r in relays):
         await resolve_helo()  # bounded: a dead name server costs 2 s, then the host name
-    expected = await reading if reading is not None else None
+    expected = [await r for r in reading] if reading is not None else None
     if config is not None and config.local_mta is not None:
         await Gate(config.local_mta.address, config.local_mta.max_wait).ready("send")
 

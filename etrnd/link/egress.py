@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
-from collections.abc import Callable, Iterator
+import struct
+from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from etrnd.outputs.logs import get_logger
 
@@ -40,6 +40,9 @@ class Expected:
     patterns: tuple[str, ...]
     addresses: Addresses
     router: Router
+    # Set when only the interface names were read (etrnd send, see expected_for_send): the
+    # full link state, read when the route does not leave through the one watched interface.
+    full: Callable[[], Awaitable[Expected | None]] | None = None
 
     def allows(self, name: str | None) -> bool:
         want = self.iface()
@@ -113,35 +116,87 @@ def choose(mode: str, route: Route, expected: Expected,
     return Choice(addrs[0], True, f"sending from {addrs[0]}, which is routed through {want}")
 
 
+# rtnetlink's route look-up (`ip route get`), by hand: pyroute2 builds and parses the same
+# two messages in ~0.5 ms of Python, which on a fast line is on the session's critical path
+# (the loop is busy with it when the relay's 220 arrives); struct does it in microseconds.
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, ...
+_RTA = struct.Struct("=HH")  # rtattr: len, type
+_RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLM_F_REQUEST = 24, 26, 2, 1
+_RTA_DST, _RTA_SRC, _RTA_OIF = 1, 2, 4
+
+
+def _attr(kind: int, family: int, addr: str) -> bytes:
+    data = socket.inet_pton(family, addr)
+    return _RTA.pack(_RTA.size + len(data), kind) + data  # 4 or 16 bytes: already aligned
+
+
+def route_request(seq: int, dst: str, src: str | None = None) -> bytes:
+    """An RTM_GETROUTE for `dst` (from `src`), as `ip route get` sends it."""
+    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+    bits = 128 if family == socket.AF_INET6 else 32
+    body = _RTMSG.pack(family, bits, bits if src else 0, 0, 0, 0, 0, 0, 0)
+    body += _attr(_RTA_DST, family, dst) + (_attr(_RTA_SRC, family, src) if src else b"")
+    return _NLMSG.pack(_NLMSG.size + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, seq, 0) + body
+
+
+def route_oif(data: bytes, seq: int) -> int | bool | None:
+    """The output interface index in the kernel's answer to request `seq`: None when the
+    kernel has no route (an NLMSG_ERROR), False when `data` answers another request."""
+    offset = 0
+    while offset + _NLMSG.size <= len(data):
+        length, kind, _, msg_seq, _ = _NLMSG.unpack_from(data, offset)
+        if length < _NLMSG.size:
+            break
+        if msg_seq == seq and kind == _NLMSG_ERROR:
+            return None  # ENETUNREACH and friends: no route (connect will say so)
+        if msg_seq == seq and kind == _RTM_NEWROUTE:
+            at, end = offset + _NLMSG.size + _RTMSG.size, offset + length
+            while at + _RTA.size <= end:
+                rta_len, rta_type = _RTA.unpack_from(data, at)
+                if rta_len < _RTA.size:
+                    break
+                if rta_type == _RTA_OIF:
+                    return int(struct.unpack_from("=I", data, at + _RTA.size)[0])
+                at += (rta_len + 3) & ~3
+            return None
+        offset += (length + 3) & ~3
+    return False
+
+
 class Router:
     """One rtnetlink socket for route look-ups, opened on first use and kept: a look-up on
     it costs well under a millisecond, opening one costs more than a loopback session."""
 
     def __init__(self) -> None:
-        self._ipr: Any = None
+        self._sock: socket.socket | None = None
         self._lock: asyncio.Lock | None = None
+        self._seq = 0
 
     async def via(self, dst: str, src: str | None = None) -> str | None:
-        """The interface the kernel would send a packet to `dst` (from `src`) through."""
-        from etrnd.link.rtnl import AsyncIPRoute, NetlinkError
+        """The interface the kernel would send a packet to `dst` (from `src`) through.
 
+        Raises OSError when netlink itself fails (the socket is then reopened next time).
+        """
+        loop = asyncio.get_running_loop()
         self._lock = self._lock or asyncio.Lock()
         async with self._lock:
-            if self._ipr is None:
-                self._ipr = AsyncIPRoute()
-            kwargs: dict[str, Any] = {"dst": dst} if src is None else {"dst": dst, "src": src}
             try:
-                msgs = await self._ipr.route("get", **kwargs)
-            except NetlinkError:
-                return None  # ENETUNREACH and friends: no route (connect will say so)
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW
+                                               | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
+                sock = self._sock
+                self._seq = self._seq % 0x7FFFFFFF + 1
+                await loop.sock_sendall(sock, route_request(self._seq, dst, src))
+                while (oif := route_oif(await loop.sock_recv(sock, 1 << 16),
+                                        self._seq)) is False:
+                    pass  # a late answer to a look-up that was cancelled
             except BaseException:
                 self.close()  # a socket that failed keeps failing: the next call reopens
                 raise
-        for msg in msgs:
-            oif = msg.get("RTA_OIF")
-            if oif:
-                with contextlib.suppress(OSError):
-                    return socket.if_indextoname(int(oif))
+        if oif:
+            with contextlib.suppress(OSError):
+                return socket.if_indextoname(oif)
         return None
 
     async def warm(self) -> None:
@@ -150,10 +205,9 @@ class Router:
             await self.via("127.0.0.1")
 
     def close(self) -> None:
-        ipr, self._ipr = self._ipr, None
-        if ipr is not None:
-            with contextlib.suppress(OSError):
-                ipr.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] | None:
@@ -170,6 +224,12 @@ async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] |
     try:
         async with asyncio.timeout(limit):
             choice, route = await _check(relay, host, mode, expected)
+            if choice.mismatch and expected.full is not None:
+                full = await expected.full()
+                if full is None:  # the link state could not be read (expected_now said why)
+                    return (mode, 0) if mode not in ("auto", "kernel") else None
+                expected = full
+                choice, route = await _check(relay, host, mode, expected)
     except Exception as exc:  # time-out, resolver or netlink failure: the session goes on
         log.warning("etrn_egress_unchecked", error=type(exc).__name__, text=str(exc)[:200])
         return (mode, 0) if mode not in ("auto", "kernel") else None
@@ -207,22 +267,19 @@ async def _check(relay: Relay, host: str, mode: str,
     return choice, route
 
 
-async def expected_now(*watches: Watch) -> list[Expected] | None:
-    """For `etrnd send` (no watcher): read the link state once, by the daemon's own rules,
-    and say for each watch (a relay's link) what its sessions' route should use.
+async def expected_now(watch: Watch) -> Expected | None:
+    """For `etrnd send` (no watcher): read the link state once, by the daemon's own rules.
 
-    The interface that is up by the watch is what the route should use; when none is up,
-    any interface matching its `interfaces` (any at all when the list is empty). None when
-    the state cannot be read.
+    The interface that is up by `watch:` is what the route should use; when none is up,
+    any interface matching `watch.interfaces` (any at all when the list is empty).
     """
     from etrnd.link.netlink import NetlinkSource
     from etrnd.link.state import LinkState, Snapshot
 
-    states = [LinkState(w.interfaces, w.up_when, w.family) for w in watches]
+    state = LinkState(watch.interfaces, watch.up_when, watch.family)
     # One dump, no event stream to buffer: a small buffer, so an unprivileged `send` does not
     # warn about the daemon's 8 MiB being capped by rmem_max.
-    source = NetlinkSource(route_iface=lambda name: any(s.matches(name) for s in states),
-                           rcvbuf=64 << 10)
+    source = NetlinkSource(route_iface=state.matches, rcvbuf=64 << 10)
     events = source.events()
     try:
         async with asyncio.timeout(5.0):
@@ -235,14 +292,31 @@ async def expected_now(*watches: Watch) -> list[Expected] | None:
         await events.aclose()  # type: ignore[attr-defined]  # an async generator
         source.close()
     assert isinstance(snapshot, Snapshot)
-    router = Router()
-    found = []
-    for watch, state in zip(watches, states, strict=True):
-        state.apply(snapshot)
-        found.append(Expected(functools.partial(lambda v: v, state.verdict().iface),
-                              tuple(watch.interfaces), state.addresses, router))
-    return found
+    state.apply(snapshot)
+    iface = state.verdict().iface
+    return Expected(lambda: iface, tuple(watch.interfaces), state.addresses,
+                    Router())
 
 
-__all__ = ["EXPECTED", "Choice", "Expected", "Route", "Router", "choose", "expected_now",
-           "expecting", "source_for"]
+async def expected_for_send(watch: Watch) -> Expected | None:
+    """expected_now, read only when needed: with exactly one interface matching
+    `watch.interfaces`, a route through it is right whether that interface is up or not (by
+    the daemon's rules), so `etrnd send` from an ip-up script neither dumps the link state nor
+    imports the netlink decoder for it; any other route reads the state (Expected.full)."""
+    names = [name for _, name in socket.if_nameindex()
+             if any(fnmatchcase(name, p) for p in watch.interfaces)]
+    if len(names) != 1:
+        return await expected_now(watch)
+    reading: asyncio.Task[Expected | None] | None = None
+
+    async def full() -> Expected | None:
+        nonlocal reading
+        reading = reading or asyncio.ensure_future(expected_now(watch))
+        return await asyncio.shield(reading)  # relays' sessions share the one read
+
+    return Expected(lambda: names[0], tuple(watch.interfaces), lambda _n, _f: [], Router(),
+                    full)
+
+
+__all__ = ["EXPECTED", "Choice", "Expected", "Route", "Router", "choose", "expected_for_send",
+           "expected_now", "expecting", "source_for"]

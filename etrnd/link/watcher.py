@@ -16,12 +16,12 @@ from types import TracebackType
 from typing import Literal
 
 from pydantic import ValidationError
-from pyroute2.netlink.exceptions import NetlinkError
 
 from etrnd.config.schema import ConfigError, Watch, load_config
 from etrnd.config.values import parse_duration
 from etrnd.link.lines import GateChange, Lines, LinkChange, Output, Plan, plan, single
 from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
+from etrnd.link.rtnl import NetlinkError
 from etrnd.link.state import DefaultRoutes, LinkState, RouteEvent, Snapshot, Verdict
 from etrnd.outputs.logs import configure, get_logger, iso
 
@@ -356,6 +356,7 @@ class LinkWatcher:
         moved it (no message either), else the route is gone and the link down at once."""
         now = self._clock()
         keys = self._mirror.expired(now) | self._revive.keys()
+        had = {key for key in keys if self._mirror.has_route(*key)}
         for index, family in sorted(keys):
             try:
                 routes = await self._reader.default_routes(index, family)
@@ -375,7 +376,9 @@ class LinkWatcher:
                 self._revive.setdefault(key, now + REVIVE_FOR)
         self._revive = {k: until for k, until in self._revive.items() if until > now}
         self._expiry_task = None
-        self._evaluate(at_once=True)  # the lifetime was the hold
+        # A route that ran out is a down at once (its lifetime was the hold); a poll that
+        # changed nothing must not cut short another down's hold.
+        self._evaluate(at_once=any(not self._mirror.has_route(*key) for key in had))
 
 
 # --- debug entry point: python -m etrnd.link.watcher ---------------------------------------------

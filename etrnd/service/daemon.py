@@ -50,6 +50,8 @@ STOP_NOTIFY_DRAIN = 0.2
 RELOAD_READ_TIMEOUT = 10.0
 # The state file's last write at stop, inside STOP_GRACE.
 STATE_SAVE_AT_STOP = 0.3
+# STATUS= is a line for humans: the changes of this long (a link-up, its round) make one.
+PUBLISH_DELAY = 0.01
 
 
 class Daemon:
@@ -89,6 +91,7 @@ class Daemon:
         self._finishing: set[str] = set()
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._gate: Gate | None = None
         self._router = egress.Router()  # route look-ups before sessions, one socket kept
         # The FQDN lookup (EHLO without `helo:`) waits for a link that is up: see _warm_up.
@@ -177,6 +180,8 @@ class Daemon:
         # STOPPING=1 to a supervisor that is not reading: a short try, within the grace.
         await self.notifier.drain(min(STOP_NOTIFY_DRAIN, max(0.05, deadline - loop.time())))
         self._router.close()
+        if self._publish_timer is not None:
+            self._publish_timer.cancel()
         self.notifier.close()
 
     def on_stall(self, stall: Stall) -> None:
@@ -601,6 +606,14 @@ class Daemon:
         return [] if watcher is None else [(v.name, v.up, v.relays) for v in watcher.links()]
 
     def _publish(self) -> None:
+        """STATUS= for `systemctl status`: nothing at all without a notify socket; else built
+        once for all the changes of the next PUBLISH_DELAY, so a link-up's connect goes first."""
+        if self.notifier.enabled and self._publish_timer is None:
+            self._publish_timer = asyncio.get_running_loop().call_later(
+                PUBLISH_DELAY, self._publish_now)
+
+    def _publish_now(self) -> None:
+        self._publish_timer = None
         self.notifier.status(self.summary())
 
     def _last_successes(self) -> dict[str, float | None]:

@@ -33,7 +33,8 @@ def tool(name: str) -> str:
 
 def rendered(page: str) -> str:
     """The page as `man -l` shows it, as plain text, wide enough that no key is wrapped."""
-    env = {**os.environ, "MANWIDTH": "250", "MAN_KEEP_FORMATTING": "", "LC_ALL": "C.UTF-8"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MAN_KEEP_FORMATTING", "PAGER")}
+    env |= {"MANWIDTH": "250", "LC_ALL": "C.UTF-8"}
     res = subprocess.run([tool("man"), "-l", str(PAGES[page])], capture_output=True, text=True,
                          env=env, timeout=60, check=False)
     assert res.returncode == 0 and res.stderr == "", res.stderr
