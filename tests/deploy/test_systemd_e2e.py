@@ -311,8 +311,9 @@ def test_hardening_is_real_and_nothing_complains(gw: Gateway) -> None:
     assert gw.box.out("stat -c '%u %a' /etc/etrnd/isp.secret") == "0 600"
     assert gw.box.out("stat -c '%u %a' /run/credentials/etrnd.service/isp") == f"{uid} 400"
     # Still sees link events (the round above started on one) with its unprivileged buffer.
+    # Once per start (earlier tests in this module restart the service).
     starts = gw.events("daemon_start")
-    assert len(gw.events("netlink_rcvbuf_limited")) == len(starts) == 1
+    assert len(gw.events("netlink_rcvbuf_limited")) == len(starts) >= 1
     warnings = gw.journal("-b -u etrnd -p warning")
     # On a busy machine the loop may really be held up: event_loop_stalled says so, rightly.
     complaints = {str(e.get("EVENT") or e.get("MESSAGE")) for e in warnings} - {
@@ -459,17 +460,25 @@ def test_metrics_work_under_the_hardened_unit(gw: Gateway) -> None:
     box.run("cp /etc/etrnd/etrnd.yaml /root/no-metrics.yaml && "
             "printf 'metrics: {listen: \"127.0.0.1:9469\"}\\n' >> /etc/etrnd/etrnd.yaml")
     listening, done = len(gw.events("metrics_listening")), len(gw.events("round_done"))
+    sent = len(gw.relay.etrns())
     box.run("systemctl restart etrnd")
     wait_for(lambda: len(gw.events("metrics_listening")) > listening, 30, "metrics_listening")
     wait_for(lambda: len(gw.events("round_done")) > done, 60, "the round to end")
     text = box.out("python3 -c 'import urllib.request as u; "
                    "print(u.urlopen(\"http://127.0.0.1:9469/metrics\").read().decode())'")
-    # The relay answers 250 twice and 459 for example.net (refused for this round).
+    # Whatever the config holds by now (the reload test changes its arguments), the
+    # counters match what the relay really answered: 459 for example.net, 250 for the rest.
+    answered = [e["etrn"] for e in gw.relay.etrns()[sent:]]
+    refused = answered.count("example.net")
+    assert answered, "no ETRN reached the relay"
     isp = {"relay": "isp"}
-    assert sample(text, "etrnd_rounds_total", result="refused", **isp) == 1, text
+    result = "refused" if refused else "accepted"
+    assert sample(text, "etrnd_rounds_total", result=result, **isp) == 1, text
     assert sample(text, "etrnd_rounds_started_total", reason="link_up", **isp) == 1, text
-    assert sample(text, "etrnd_replies_total", command="ETRN", **{"class": "2xx"}, **isp) == 2
-    assert sample(text, "etrnd_replies_total", command="ETRN", **{"class": "4xx"}, **isp) == 1
+    assert sample(text, "etrnd_replies_total", command="ETRN", **{"class": "2xx"},
+                  **isp) == len(answered) - refused
+    assert (sample(text, "etrnd_replies_total", command="ETRN", **{"class": "4xx"}, **isp)
+            or 0) == refused
     assert sample(text, "etrnd_link_up") == 1
     assert re.search(r"^process_resident_memory_bytes [1-9]", text, re.M), text
     assert re.search(r"^process_open_fds [1-9]", text, re.M), text
