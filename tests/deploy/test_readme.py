@@ -230,3 +230,23 @@ def test_every_link_in_the_docs_leads_somewhere() -> None:
                 if fragment not in ids:
                     broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert broken == []
+
+
+REPO_PATH = re.compile(r"(?:tests|bench|etrnd|scripts|config|systemd|man|docs)/\S+")
+
+
+def test_every_file_and_test_the_docs_name_exists() -> None:
+    """A path in backticks (`bench/soak.py --cycles 10000`, `tests/x.py::test_y`) is a file of
+    the repository, and a named test is defined in it: SECURITY.md backs each claim so."""
+    pages = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+    wrong = []
+    for page in pages:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            if not REPO_PATH.match(span):
+                continue
+            path, _, test = span.split()[0].rstrip(".,:;)").partition("::")
+            if not (ROOT / path).exists():
+                wrong.append(f"{page.name}: {span} (no such file)")
+            elif test and not re.search(rf"def {re.escape(test)}\(", (ROOT / path).read_text()):
+                wrong.append(f"{page.name}: {span} (no such test)")
+    assert wrong == []
