@@ -1,11 +1,15 @@
 """Benchmark: WAN link-up -> ETRN received at the ISP, etrnd vs. a dispatcher-style script.
 
 Run as root:  .venv/bin/python bench/etrn_latency.py [--flaps 50] [--idle 60]
+                  [--log-level info] [--no-dispatchers]
 
 Two namespaces joined by a veth pair: the "office" runs the contender, the "isp" runs the
 toy ETRN server (`python -m etrnd.demo --serve`), which prints the CLOCK_MONOTONIC time each
-ETRN arrives. This process joins the office namespace and sets the WAN admin up through
-netlink (as pppd does with ppp0), stamping the time just before. (Flapping the *peer* end
+ETRN arrives. This process sets the WAN admin up through netlink in the office namespace
+(as pppd does with ppp0), stamping the time just before. The floor and etrnd each get such a
+lab of their own and run at the same time, flapped in turn (the order alternating), so a busy
+moment of a shared machine hurts both alike; the dispatchers follow, one after the other, in
+the floor's lab. (Flapping the *peer* end
 instead changes the carrier, which the kernel reports through linkwatch, rate-limited to
 about one event a second: flaps faster than that are never seen by anyone.) Contenders:
 
@@ -339,11 +343,14 @@ def main() -> int:
               flush=True)
 
         if args.idle > 0:
+            while read_line(floor.server, 0.2) is not None:  # `send`'s ETRNs, read or not
+                pass
             proc = office_a.popen(sys.executable, "-m", "etrnd", "run", "-c", str(config_a),
                                   stderr=subprocess.DEVNULL, cwd=ROOT,
                                   env={**os.environ, "STATE_DIRECTORY": str(tmp / "a")})
-            read_line(floor.server, 10)  # type: ignore[arg-type]
-            time.sleep(1.0)
+            if read_line(floor.server, 10) is None:  # type: ignore[arg-type]
+                raise RuntimeError("the idle etrnd did not send its start-up ETRN")
+            time.sleep(2.0)  # its state file is written right after that round
             # `ip netns exec` execs python in place, so the Popen PID is the daemon's.
             rss0, sw0 = proc_stats(proc.pid)
             time.sleep(args.idle)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etrnd import __version__
-from etrnd.config.lint import warnings
 from etrnd.config.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
 from etrnd.config.schema import Config, Watch, resolve_path
 
@@ -173,6 +172,8 @@ def _check_config(path: str | None, strict: bool = False) -> int:
     if problems:
         report(path, problems)
         return EXIT_CONFIG
+    from etrnd.config.lint import warnings  # check-config only
+
     warned = warnings(config)
     if strict and warned:
         report(path, warned, why="--strict: warnings are errors")
