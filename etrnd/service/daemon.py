@@ -213,8 +213,9 @@ class Daemon:
         metrics.link(change.kind, change.since, change.initial, change.link, drives)
 
     def on_decision(self, decision: Decision) -> None:
-        """A link decision for the relays it names (etrnd.link.lines: their link, failover)."""
-        relays = set(decision.relays)
+        """A link decision for the relays it names (etrnd.link.lines: their link, failover);
+        one that names none concerns every relay."""
+        relays = set(decision.relays) or {r.label for r in self.config.relays}
         if decision.kind == "up":
             self._finishing -= relays  # may run again: a round still on retries as usual
             self._resolve_helo_once()

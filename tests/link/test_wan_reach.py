@@ -15,8 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from etrnd.config.schema import parse_yaml
+from etrnd.link.lines import GroupSpec, LinkSpec, Plan
 from etrnd.link.state import Verdict, not_public
-from etrnd.link.watcher import Decision
+from etrnd.link.watcher import Decision, LinkView
 from etrnd.outputs import status as status_doc
 from etrnd.service.daemon import Daemon
 
@@ -50,8 +51,21 @@ class _Watcher:
     def addresses(self, name: str, family: int) -> list[str]:
         return self._addrs[family] if name == "wan0" else []
 
-    def round_due(self) -> None:
+    def round_due(self, relay: str | None = None) -> None:
         return None
+
+    # The per-link view the daemon's status reads (etrnd.link.watcher: one link, both relays).
+    plan = Plan((LinkSpec("wan0", ("wan0",), "default-route", "any", 5.0),),
+                (GroupSpec("wan0", ("isp", "lte"), 2.0, 30.0),))
+
+    def links(self) -> list[LinkView]:
+        return [LinkView("wan0", True, self.why, "wan0", 0.0, None, ("isp", "lte"))]
+
+    def standby(self, relay: str) -> bool:
+        return False
+
+    def may_run_since(self, relay: str) -> float:
+        return 0.0
 
 
 CONFIG = """
