@@ -82,7 +82,8 @@ async def test_etrn_relay_warned_once_per_link_up_and_status_shows_it(tmp_path: 
     daemon = Daemon(tmp_path / "etrnd.yaml", config)
     daemon._watcher = _Watcher(["100.64.1.2"], [])  # type: ignore[assignment]
     with capture_logs() as logs:
-        daemon.on_decision(Decision("up", daemon._watcher.why, "wan0", 1.0))
+        daemon.on_decision(Decision("up", daemon._watcher.why, "wan0", 1.0,
+                                    relays=("isp", "lte")))
         daemon.cancel_rounds("test")
     warned = [e for e in logs if e["event"] == "etrn_wan_not_public"]
     # The ODMR relay is the answer for such a line: only the ETRN relay is warned about.
@@ -90,9 +91,10 @@ async def test_etrn_relay_warned_once_per_link_up_and_status_shows_it(tmp_path: 
         ("isp", "wan0", "warning")], warned
     assert warned[0]["reason"] == "100.64.1.2 is shared (CGNAT, RFC 6598)"
     assert "odmr" in warned[0]["hint"].lower()
-    doc = daemon.status()
-    assert doc["link"]["not_public"] == "100.64.1.2 is shared (CGNAT, RFC 6598)"
-    assert "WAN not reachable from the ISP: 100.64.1.2 is shared" in status_doc.render(doc)
+    # What status shows for that link (etrnd.service.daemon._links) and how it renders it.
+    assert daemon.wan_not_public("wan0") == "100.64.1.2 is shared (CGNAT, RFC 6598)"
+    assert "WAN not reachable from the ISP: 100.64.1.2 is shared" in status_doc.render(
+        {"link": {"up": True, "not_public": daemon.wan_not_public("wan0")}})
 
 
 async def test_public_or_v6_wan_is_not_warned(tmp_path: Path) -> None:
@@ -101,7 +103,7 @@ async def test_public_or_v6_wan_is_not_warned(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "etrnd.yaml", config)
     daemon._watcher = _Watcher(["100.64.1.2"], ["2001:db8::2", "2a00:1450::1"])  # type: ignore[assignment]
     with capture_logs() as logs:
-        daemon.on_decision(Decision("up", "up", "wan0", 1.0))
+        daemon.on_decision(Decision("up", "up", "wan0", 1.0, relays=("127.0.0.1",)))
         daemon.cancel_rounds("test")
     assert not [e for e in logs if e["event"] == "etrn_wan_not_public"]
-    assert daemon.status()["link"]["not_public"] is None
+    assert daemon.wan_not_public("wan0") is None
