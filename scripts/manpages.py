@@ -264,14 +264,22 @@ def duration(seconds: float) -> str:
     return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
 
-def _validators(field: FieldInfo) -> set[str]:
-    """The names of the functions that check or convert a value (e.g. parse_duration)."""
-    names = set()
-    for meta in field.metadata:
+def _split(metadata: Any) -> tuple[set[str], list[Any]]:
+    """The names of the functions that check or convert a value (e.g. parse_duration), and the
+    other constraints (Ge, Le, ...), of a field's or an Annotated type's metadata."""
+    names: set[str] = set()
+    constraints: list[Any] = []
+    for meta in metadata:
         func = getattr(meta, "func", None)
         if func is not None:
             names.add(getattr(func, "__name__", ""))
-    return names
+        else:
+            constraints.append(meta)
+    return names, constraints
+
+
+def _validators(field: FieldInfo) -> set[str]:
+    return _split(field.metadata)[0]
 
 
 def _unwrap(annotation: Any) -> tuple[Any, set[str], list[Any]]:
@@ -280,12 +288,9 @@ def _unwrap(annotation: Any) -> tuple[Any, set[str], list[Any]]:
     constraints: list[Any] = []
     while typing.get_origin(annotation) is typing.Annotated:
         annotation, *metadata = typing.get_args(annotation)
-        for meta in metadata:
-            func = getattr(meta, "func", None)
-            if func is not None:
-                names.add(getattr(func, "__name__", ""))
-            else:
-                constraints.append(meta)
+        more_names, more = _split(metadata)
+        names |= more_names
+        constraints += more
     return annotation, names, constraints
 
 
