@@ -280,6 +280,12 @@ class LinkWatcher:
         self._handle(self._lines.observe(verdicts, self._clock(),
                                          at_once=verdicts if at_once else ()))
         self._schedule()
+        timer = self._timer
+        if timer is not None and timer.when() <= asyncio.get_running_loop().time():
+            # Due now (settle 0): the round right behind its link_up, in this loop pass (the
+            # daemon reads both at once), not one pass later from a 0 s timer.
+            timer.cancel()
+            self._fire()
         self._arm_expiry()
 
     def _handle(self, outputs: Iterable[Output]) -> None:
