@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import socket
@@ -127,10 +126,6 @@ class Daemon:
             watch = self._spawn(self._follow_link(self._watcher))
             self._spawn(self._watchdog())
             self._restart_repeat()
-            # Start-up's ~10^5 objects (modules, schemas, the config) live as long as we do:
-            # out of the collector's sight, a full collection that falls on a link-up scans
-            # what came since (a few ms less on that ETRN), not all of them.
-            gc.freeze()
             self.notifier.ready(self.summary())
             log.info("daemon_ready", link="up" if self._watcher.up else "down",
                      why=self._watcher.why, relays=[r.label for r in self.config.relays])
