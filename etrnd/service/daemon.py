@@ -6,36 +6,33 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Collection
 from pathlib import Path
-from typing import Any
 
 from etrnd import __version__
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
-from etrnd.config.schema import Config, ConfigError, Relay, load_config, resolve_path
+from etrnd.config.schema import Config, resolve_path
 from etrnd.link import egress
 from etrnd.link.lines import LinkChange, plan
-from etrnd.link.state import not_public
 from etrnd.link.watcher import Decision, LinkWatcher
 from etrnd.loop import offloop
 from etrnd.loop.stall import Stall, StallDetector
 from etrnd.outputs import logs, metrics, statefile
-from etrnd.outputs import status as status_doc
 from etrnd.outputs.logs import get_logger
 from etrnd.outputs.sdnotify import Notifier
 from etrnd.protocols import smtp
 from etrnd.protocols.odmr.hangup import STOP_DRAIN
-from etrnd.protocols.seam import STANDBY
 from etrnd.service.control import ControlError, ControlServer
+from etrnd.service.dispatch import Dispatch
 from etrnd.service.history import RelayHistory
 from etrnd.service.mtagate import Gate
-from etrnd.service.rounds import RelayStatus, RoundResult, run_round
+from etrnd.service.reloading import Reloading
+from etrnd.service.reporting import Reporting
+from etrnd.service.rounds import RelayStatus
 
 log = get_logger()
-ROUND_STARTED = "round started"
 
 # SIGTERM must end the process within a second even mid-session: QUIT gets this long.
 STOP_GRACE = 0.7
@@ -45,17 +42,13 @@ STOP_GRACE = 0.7
 STOP_LIMIT = STOP_DRAIN + STOP_GRACE
 # ... and a supervisor that does not read its notify socket gets this long for STOPPING=1.
 STOP_NOTIFY_DRAIN = 0.2
-# Reading the config (and the secrets it names) at reload runs off the loop; a file system
-# that hangs (a dead NFS server) fails the reload after this long, keeping the old config.
-RELOAD_READ_TIMEOUT = 10.0
 # The state file's last write at stop, inside STOP_GRACE.
 STATE_SAVE_AT_STOP = 0.3
-# STATUS= is a line for humans: the changes of this long (a link-up, its round) make one.
-PUBLISH_DELAY = 0.01
 
 
-class Daemon:
-    """Owns the watcher, one round task per relay at most, and the outside interfaces."""
+class Daemon(Dispatch, Reloading, Reporting):
+    """Owns the watcher, one round task per relay at most, and the outside interfaces: the
+    lifecycle and link decisions here; rounds, reload and status in their own modules."""
 
     def __init__(self, path: Path, config: Config, notifier: Notifier | None = None,
                  stalls: StallDetector | None = None, state_path: Path | None = None,
@@ -231,14 +224,6 @@ class Daemon:
             self.start_rounds(None, decision.reason, skip=served, among=relays)
         self._publish()
 
-    def wan_not_public(self, iface: str | None) -> str | None:
-        """Why the ISP cannot connect back to `iface` (CGNAT, RFC 1918), or None."""
-        watcher = self._watcher
-        if watcher is None or iface is None:
-            return None
-        return not_public(watcher.addresses(iface, socket.AF_INET),
-                          watcher.addresses(iface, socket.AF_INET6))
-
     def _warn_not_public(self, iface: str | None, relays: Collection[str]) -> None:
         """Once per link-up: ETRN asks the ISP to connect to us, which it cannot here."""
         reason = self.wan_not_public(iface)
@@ -265,368 +250,6 @@ class Daemon:
             seen = self.stalls.stalls
             await asyncio.sleep(interval)
 
-    def _restart_repeat(self) -> None:
-        if self._repeat is not None:
-            self._repeat.cancel()
-            self._repeat = None
-            self.repeat_next = None
-        if self.config.repeat > 0:
-            self._repeat = self._spawn(self._repeat_rounds(self.config.repeat))
-
-    async def _repeat_rounds(self, every: float) -> None:
-        while True:
-            self.repeat_next = time.time() + every
-            await asyncio.sleep(every)
-            watcher = self._watcher
-            if watcher is not None:
-                running = {r.label for r in self.config.relays if watcher.may_run(r.label)}
-                if running:
-                    self.start_rounds(None, "repeat", among=running)
-
-    # --- rounds ----------------------------------------------------------------------------
-    def start_rounds(self, only: str | None, reason: str, skip: Collection[str] = (),
-                     among: Collection[str] | None = None) -> list[str]:
-        """Start a round on each relay (or one, or those `among`) that has none running;
-        returns their names."""
-        return [name for name, what in self.rounds_for(only, reason, skip, among).items()
-                if what == ROUND_STARTED]
-
-    def rounds_for(self, only: str | None, reason: str, skip: Collection[str] = (),
-                   among: Collection[str] | None = None) -> dict[str, str]:
-        """Like start_rounds; returns what happened to each relay, in words for `trigger`."""
-        started: list[str] = []
-        done: dict[str, str] = {}
-        for relay in self.config.relays:
-            if ((only is not None and relay.label != only) or relay.label in skip
-                    or (among is not None and relay.label not in among)):
-                continue
-            running = self._tasks.get(relay.label)
-            if running is not None:
-                # A round is already on it: a trigger cuts its backoff short, nothing queues.
-                st = self._status.get(relay.label)
-                if self._gate is not None and relay.label in self._gate.waiting:
-                    done[relay.label] = (f"round waiting for the local MTA "
-                                         f"{self._gate.target}")
-                elif st is not None and st.next_try is not None:
-                    done[relay.label] = "retrying now (was in backoff)"
-                else:
-                    done[relay.label] = "round already in progress"
-                if reason not in ("link_up", "failover", "repeat"):
-                    self._wake[relay.label].set()
-                log.info("round_busy", relay=relay.label, reason=reason)
-                continue
-            done[relay.label] = ROUND_STARTED
-            started.append(relay.label)
-            self._wake.setdefault(relay.label, asyncio.Event()).clear()
-            self._tasks[relay.label] = asyncio.create_task(
-                self._round(relay, reason), name=f"etrnd-round-{relay.label}")
-        if started:
-            self.rounds_started += 1
-            self.last_round = time.time()
-        return done
-
-    async def _round(self, relay: Relay, reason: str) -> None:
-        status = self._status.setdefault(relay.label, RelayStatus(relay.label))
-        wake = self._wake[relay.label]
-        ended: RoundResult | str = "cancelled"  # for metrics: what became of the round
-
-        async def sleep(delay: float) -> None:
-            self.state.changed()  # the failed attempt is worth keeping across a restart
-            if relay.label in self._finishing:  # standby: no retry after that session
-                raise asyncio.CancelledError(STANDBY)
-            # Backoff that `etrnd trigger` or SIGUSR1 can cut short. asyncio.timeout, not
-            # wait_for: in 3.11 wait_for can swallow the cancel a link-down sends.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await wake.wait()
-            wake.clear()
-
-        try:
-            metrics.round_started(relay.label, reason)
-            if self._gate is not None:
-                await self._hold(relay)  # False when the wait ran out: the round goes ahead
-            log.info("round_start", relay=relay.label, reason=reason, args=list(relay.etrn))
-            with egress.expecting(self._expected(relay.label)):
-                ended = await run_round(relay, self.config.retry, None, status, sleep=sleep)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must cost one relay one round, not the daemon
-            ended = "crashed"
-            log.error("round_crashed", relay=relay.label, error=type(exc).__name__,
-                      text=str(exc)[:300])
-        finally:
-            metrics.round_ended(relay.label, ended)
-            if self._tasks.get(relay.label) is asyncio.current_task():
-                del self._tasks[relay.label]
-                self._finishing.discard(relay.label)
-            self.state.changed()
-            self._publish()
-
-    async def _hold(self, relay: Relay) -> bool:
-        """Wait for the office MTA's 220 (config local_mta), shared by all relays' rounds."""
-        assert self._gate is not None
-        self._publish()
-        try:
-            return await self._gate.ready(relay.label)
-        finally:
-            self._publish()
-
-    def _set_gate(self, config: Config) -> None:
-        mta = config.local_mta
-        if mta is None:
-            self._gate = None
-        elif self._gate is None or (self._gate.target, self._gate.max_wait) != (mta.address,
-                                                                                 mta.max_wait):
-            self._gate = Gate(mta.address, mta.max_wait)
-
-    def _expected(self, relay: str) -> egress.Expected:
-        """The relay's own link: the interface its route must leave through."""
-        watcher = self._watcher
-
-        def iface() -> str | None:
-            verdict = watcher.verdict_of(relay) if watcher is not None else None
-            return verdict.iface if verdict is not None else None
-
-        return egress.Expected(
-            iface=iface,
-            patterns=(watcher.interfaces_of(relay) if watcher is not None
-                      else tuple(self.config.watch.interfaces)),
-            addresses=watcher.addresses if watcher is not None else lambda _n, _f: [],
-            router=self._router)
-
-    def cancel_rounds(self, reason: str, only: set[str] | None = None) -> None:
-        for label, task in list(self._tasks.items()):
-            if only is not None and label not in only:
-                continue
-            st = self._status.get(label)
-            if reason == STANDBY and st is not None and st.running and st.next_try is None:
-                # A backup in a session when the line it stands in for returns: its own line
-                # is up, so the session ends as it would (an ODMR transfer finishes and is
-                # counted), and the round stops there instead of retrying.
-                self._finishing.add(label)
-                log.info("round_ends_after_session", relay=label, reason=reason)
-                continue
-            log.info("round_cancelled", relay=label, reason=reason)
-            task.cancel(reason)  # LINK_DOWN lets a turnaround go on: see seam.keeps_session
-            del self._tasks[label]
-            # Still closing its session; a new round for the relay may start right away.
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    def trigger(self, relay: str | None, reason: str) -> dict[str, str]:
-        """A round now on `relay` (None: all); returns what happened to each, in words."""
-        took = self._take_pending(relay)
-        # A trigger for all leaves out a backup on standby (a link it stands in for is up);
-        # one that names the relay runs it all the same.
-        watcher = self._watcher
-        standby = ({r.label for r in self.config.relays if watcher.standby(r.label)}
-                   if watcher is not None and relay is None else set())
-        log.info("round_requested", relay=relay or "all", reason=reason, took_link_up=took,
-                 **({"standby": sorted(standby)} if standby else {}))
-        done = self.rounds_for(relay, reason, skip=standby)
-        for label in sorted(standby):
-            done[label] = "standby: a link it stands in for is up (name it to run it)"
-        self._publish()
-        return done
-
-    def _take_pending(self, relay: str | None) -> bool:
-        """A trigger while a link-up round is owed (settle) is that round, not one more: the
-        ISP would get every ETRN twice. True if the trigger took it (for all relays)."""
-        watcher = self._watcher
-        if watcher is None or watcher.round_due(relay) is None:
-            return False
-        if relay is not None:
-            group = watcher.plan.group_of(relay)
-            together = set(group.relays) if group is not None else {relay}
-            self._served_early.add(relay)
-            if not together <= self._served_early:
-                return False  # the others still get theirs when it is due
-            self._served_early -= together
-            return watcher.take_pending(together)
-        self._served_early.clear()
-        return watcher.take_pending()
-
-    # --- reload ----------------------------------------------------------------------------
-    def request_reload(self) -> None:
-        if self._reloading is not None and not self._reloading.done():
-            self._reload_again = True  # a SIGHUP storm collapses into one more reload
-            return
-        self._reloading = self._spawn(self._reload())
-
-    async def _reload(self) -> None:
-        while True:
-            self._reload_again = False
-            self.notifier.reloading(time.monotonic_ns() // 1000)
-            try:
-                new = await offloop.bounded(RELOAD_READ_TIMEOUT, load_config, self.path)
-            except TimeoutError:
-                self._reload_failed([f"reading the configuration took over "
-                                     f"{RELOAD_READ_TIMEOUT:g}s"])
-            except ConfigError as exc:
-                self._reload_failed(exc.problems)
-            else:
-                await self._apply(new)
-            self.notifier.ready(self.summary())
-            if not self._reload_again:
-                return
-
-    def _reload_failed(self, problems: list[str]) -> None:
-        self.reload_failed = (time.time(), list(problems))
-        log.error("config_reload_failed", config=str(self.path), problems=problems,
-                  kept="previous configuration")
-
-    async def _apply(self, new: Config) -> None:
-        old = self.config
-        if new.control.socket != old.control.socket:
-            server = ControlServer(new.control.socket, self.handle_request)
-            try:
-                await server.start()
-            except ControlError as exc:
-                self._reload_failed([str(exc)])
-                return
-            if self._control is not None:
-                await self._control.close()
-            self._control = server
-        if new.log != old.log:
-            logs.configure(new.log.level, new.log.format, background=True)
-        kept = {r.label: r for r in new.relays}
-        before = {r.label: r for r in old.relays}
-        gone = {r.label for r in old.relays if kept.get(r.label) != r}  # changed or removed
-        interrupted = gone & self._tasks.keys()
-        self.cancel_rounds("config_reloaded", only=gone)
-        for label in gone - kept.keys():
-            self._status.pop(label, None)
-            self._wake.pop(label, None)
-        self.config = new
-        self.config_loaded, self.reload_failed = time.time(), None
-        self._set_gate(new)
-        if self._watcher is not None and plan(new) != self._watcher.plan:
-            self._watcher.reconfigure(plan(new))
-        if new.repeat != old.repeat:
-            self._restart_repeat()
-        await metrics.serve(new, link_up=self._watcher is not None and self._watcher.up,
-                            last_success=self._last_successes, links=self._metric_links())
-        added = sorted(kept.keys() - before.keys())
-        changed = sorted(gone & kept.keys())
-        log.info("config_reloaded", config=str(self.path),
-                 relays=[r.label for r in new.relays], added=added,
-                 removed=sorted(before.keys() - kept.keys()), changed=changed)
-        watcher = self._watcher
-        if watcher is not None:
-            # A relay added while its link is up (or changed mid-round: that round was
-            # cancelled) would otherwise wait for the next link-up.
-            for label in [*added, *sorted(interrupted & kept.keys())]:
-                if watcher.may_run(label):
-                    self.start_rounds(label, "config_reloaded")
-        self.state.changed()
-
-    # --- control socket and status -----------------------------------------------------------
-    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request["cmd"] == "status":
-            return {"ok": True, **self.status()}
-        relay = request.get("relay")
-        if relay is not None and (not isinstance(relay, str)
-                                  or relay not in {r.label for r in self.config.relays}):
-            return {"ok": False, "error": f"no relay named {str(relay)[:64]!r}"}
-        done = self.trigger(relay, "trigger")
-        return {"ok": True, "relays": list(done),
-                "results": [{"relay": name, "what": what} for name, what in done.items()]}
-
-    def status(self) -> dict[str, Any]:
-        watcher = self._watcher
-        links = self._links()
-        # `link`: the only link, or (relays on links of their own) all of them in one.
-        link = links[0] if len(links) == 1 else status_doc.LinkView(
-            up=bool(watcher and watcher.up), why=watcher.why if watcher else "",
-            since=max((ln.since for ln in links if ln.since is not None), default=None),
-            transitions=sum(ln.transitions for ln in links),
-            watching=tuple(p for ln in links for p in ln.watching),
-            up_when=self.config.watch.up_when,
-            not_public=next((ln.not_public for ln in links if ln.not_public), None))
-        doc = status_doc.build(status_doc.DaemonView(
-            path=self.path, config=self.config, started=self.started, link=link, links=links,
-            rounds_started=self.rounds_started,
-            last_round=self.last_round, tasks=len(asyncio.all_tasks()),
-            statuses=self._status, running=self._tasks.keys(),
-            round_due=watcher.round_due() if watcher else None, now=time.time(),
-            config_loaded=self.config_loaded, reload_failed=self.reload_failed,
-            repeat_next=self.repeat_next if self.config.repeat else None,
-            state_file=self.state.as_dict()))
-        if self._gate is not None:
-            doc["local_mta"] = self._gate.as_dict()
-            for relay in doc["relays"]:
-                if relay["name"] in self._gate.waiting:
-                    relay["state"] = "waiting-local-mta"
-        # The stall detector's view: steps of the loop longer than threshold_ms.
-        doc["loop"] = {"stalls": self.stalls.stalls,
-                       "threshold_ms": round(self.stalls.threshold * 1000),
-                       "longest_step_ms": round(self.stalls.longest * 1000, 1)}
-        return doc
-
-    def summary(self) -> str:
-        """The one-line STATUS= that `systemctl status etrnd` shows."""
-        watcher = self._watcher
-        line = status_doc.summary(bool(watcher and watcher.up), self.config.relays,
-                                  self._status, self._tasks.keys(), self._links())
-        if self._gate is not None and self._gate.waiting:
-            line += f"; waiting for the local MTA {self._gate.target}"
-        return line
-
-    def _links(self) -> list[status_doc.LinkView]:
-        """Each link, the relays it drives and which of them wait on failover (wall clock)."""
-        watcher = self._watcher
-        if watcher is None:
-            return []
-        offset = time.time() - time.monotonic()  # the watcher's times are monotonic
-
-        def wall(mono: float | None) -> float | None:
-            return None if mono is None else mono + offset
-
-        backs_up = {r.label: r.watch.only_when_down for r in self.config.relays
-                    if r.watch is not None and r.watch.only_when_down}
-        etrn = {r.label for r in self.config.relays if r.protocol == "etrn"}
-        out = []
-        for view in watcher.links():
-            spec = watcher.plan.link(view.name)
-            active = {r: t + offset for r in view.relays
-                      if (t := watcher.may_run_since(r)) is not None}
-            out.append(status_doc.LinkView(
-                up=view.up, why=view.why, since=wall(view.since),
-                transitions=self.link_transitions.get(view.name, 0),
-                watching=spec.interfaces, up_when=spec.up_when,
-                not_public=(self.wan_not_public(view.iface)
-                            if view.up and etrn & set(view.relays) else None),
-                name=view.name, relays=view.relays,
-                standby=frozenset(r for r in view.relays if watcher.standby(r)),
-                backs_up={r: backs_up[r] for r in view.relays if r in backs_up},
-                active_since=active, holding=wall(view.holding)))
-        return out
-
-    def _metric_links(self) -> list[tuple[str, bool, tuple[str, ...]]]:
-        watcher = self._watcher
-        return [] if watcher is None else [(v.name, v.up, v.relays) for v in watcher.links()]
-
-    def _publish(self) -> None:
-        """STATUS= for `systemctl status`: nothing at all without a notify socket; else built
-        once for all the changes of the next PUBLISH_DELAY, so a link-up's connect goes first."""
-        if self.notifier.enabled and self._publish_timer is None:
-            self._publish_timer = asyncio.get_running_loop().call_later(
-                PUBLISH_DELAY, self._publish_now)
-
-    def _publish_now(self) -> None:
-        self._publish_timer = None
-        self.notifier.status(self.summary())
-
-    def _last_successes(self) -> dict[str, float | None]:
-        """For metrics: each relay's last accepted reply (wall clock), as status shows it."""
-        marks = {r.label: (st.history.last_success if (st := self._status.get(r.label))
-                           else None) for r in self.config.relays}
-        return {label: mark.when if mark else None for label, mark in marks.items()}
-
-    def _histories(self) -> tuple[dict[str, RelayHistory], dict[str, tuple[str, ...]]]:
-        """For the state file: every relay's history and its configured arguments."""
-        return ({name: st.history for name, st in self._status.items()},
-                {r.label: r.etrn for r in self.config.relays})
 
 
 def run_command(path: str | None) -> int:
