@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return trigger_command(path, args.relay)
         if args.command == "check":
-            from etrnd.outputs.health import check_command
+            from etrnd.service.control import check_command
 
             return check_command(path)
         if args.command == "status":

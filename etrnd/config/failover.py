@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from etrnd.config.schema import Config, Watch
+
+class Watch(Protocol):
+    """What these rules read of a relay's effective watch (config.schema.Watch has it)."""
+
+    @property
+    def interfaces(self) -> tuple[str, ...]: ...
+    @property
+    def up_when(self) -> str: ...
+    @property
+    def family(self) -> str: ...
 
 # How much each up_when asks of one interface: a stronger one implies every weaker one
 # (etrnd.link.state: carrier, then an address, then a default route).
@@ -41,29 +49,30 @@ def _describe(watch: Watch) -> str:
     return f"{ifaces} up by {watch.up_when}{family}"
 
 
-def problems(config: Config) -> list[str]:
+def problems(backs_up: Mapping[str, tuple[str, ...]], watches: Mapping[str, Watch]) -> list[str]:
     """`relays[NAME].watch...: reason` for each relay watch that can never be up: an
     only_when_down naming no relay or the relay itself, a cycle, or a link that is up only
-    when the link it waits for is up too."""
+    when the link it waits for is up too. `backs_up`: each relay's only_when_down, in the
+    config's order; `watches`: each relay's effective watch (its own over the top level)."""
     found: list[str] = []
-    names = [r.label for r in config.relays]
+    names = list(backs_up)
     waits: dict[str, tuple[str, ...]] = {}
-    for relay in config.relays:
-        key = f"relays[{relay.label}].watch.only_when_down"
-        for other in relay.watch.only_when_down if relay.watch is not None else ():
-            if other == relay.label:
+    for label, others in backs_up.items():
+        key = f"relays[{label}].watch.only_when_down"
+        for other in others:
+            if other == label:
                 found.append(f"{key}: names this relay itself: it would run only while its "
                              "own link is down, that is never")
             elif other not in names:
                 found.append(f"{key}: no relay named {other!r} (configured: "
                              f"{', '.join(names)})")
             else:
-                waits.setdefault(relay.label, ())
-                waits[relay.label] += (other,)
-                mine, theirs = config.watch_of(relay), config.watch_of(config.relay(other))
+                waits.setdefault(label, ())
+                waits[label] += (other,)
+                mine, theirs = watches[label], watches[other]
                 if implies(mine, theirs):
                     found.append(
-                        f"relays[{relay.label}].watch: can never be up: it runs only while "
+                        f"relays[{label}].watch: can never be up: it runs only while "
                         f"{other}'s link ({_describe(theirs)}) is down, and its own link "
                         f"({_describe(mine)}) is never up without that one")
     found.extend(_cycles(waits))

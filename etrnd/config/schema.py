@@ -427,7 +427,10 @@ def parse_config(data: object, *, defer_credentials: bool = False,
         config = Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
         raise ConfigError(list(problems(exc, document, data, Config))) from None
-    found = failover.problems(config)  # across relays: a relay watch that can never be up
+    # Across relays: a relay watch that can never be up.
+    found = failover.problems(
+        {r.label: (r.watch.only_when_down if r.watch is not None else ()) for r in config.relays},
+        {r.label: config.watch_of(r) for r in config.relays})
     if found:
         raise ConfigError(found)
     return config

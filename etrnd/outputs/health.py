@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -176,22 +175,3 @@ def nagios_line(health: Mapping[str, Any]) -> str:
     text = " ".join(str(health.get("text", "")).replace("|", "/").split())
     perf = str(health.get("perfdata") or "")
     return f"ETRND {health.get('status', 'UNKNOWN')} - {text}" + (f" | {perf}" if perf else "")
-
-
-def check_command(config_path: str | None) -> int:
-    """`etrnd check`: one Nagios line from the daemon's `health`; 3 UNKNOWN without a daemon."""
-    from etrnd.service.control import ControlError, request, socket_path_for
-
-    try:
-        reply = request(socket_path_for(config_path), {"cmd": "status"})
-    except ControlError as exc:
-        print(f"ETRND UNKNOWN - {exc}")
-        return UNKNOWN
-    health = reply.get("health")
-    if not reply.get("ok") or not isinstance(health, dict) or health.get("code") not in NAMES:
-        print("ETRND UNKNOWN - the daemon's reply has no health (an older etrnd?)")
-        return UNKNOWN
-    print(nagios_line(health))
-    sys.stdout.flush()
-    code: int = health["code"]
-    return code

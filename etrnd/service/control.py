@@ -210,6 +210,25 @@ def trigger_command(config_path: str | None, relay: str | None) -> int:
     return 0
 
 
+def check_command(config_path: str | None) -> int:
+    """`etrnd check`: one Nagios line from the daemon's `health`; 3 UNKNOWN without a daemon."""
+    from etrnd.outputs.health import NAMES, UNKNOWN, nagios_line
+
+    try:
+        reply = request(socket_path_for(config_path), {"cmd": "status"})
+    except ControlError as exc:
+        print(f"ETRND UNKNOWN - {exc}")
+        return UNKNOWN
+    health = reply.get("health")
+    if not reply.get("ok") or not isinstance(health, dict) or health.get("code") not in NAMES:
+        print("ETRND UNKNOWN - the daemon's reply has no health (an older etrnd?)")
+        return UNKNOWN
+    print(nagios_line(health))
+    sys.stdout.flush()
+    code: int = health["code"]
+    return code
+
+
 def status_command(config_path: str | None, as_json: bool) -> int:
     reply = _call(config_path, {"cmd": "status"})
     if reply is None:
