@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,6 +217,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return status_command(path, as_json=args.json)
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # `etrnd status | head -2`: the reader has what it wanted; no traceback for that.
+        # stdout is redirected so the interpreter's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     _err(f"unknown command {args.command!r}")
     return EXIT_FATAL

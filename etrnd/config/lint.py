@@ -143,6 +143,11 @@ def _control_socket(config: Config) -> Iterator[str]:
     if (isinstance(made, list) and directory.parent == Path("/run")
             and directory.name in made):
         return  # the unit's RuntimeDirectory= makes it when the service starts
+    if directory.parent != Path("/run"):
+        # RuntimeDirectory= makes directories under /run only: no hint about it elsewhere.
+        yield (f"control.socket: directory {directory} does not exist: run fails to create "
+               "the socket unless it is made first")
+        return
     if isinstance(made, list):
         made = f"{UNIT} has " + (f"RuntimeDirectory={' '.join(made)}" if made else "none")
     yield (f"control.socket: directory {directory} does not exist: run fails to create the "

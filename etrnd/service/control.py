@@ -105,6 +105,8 @@ class ControlServer:
         self._clients += 1
         try:
             reply = await self._answer(reader)
+            if reply is None:
+                return  # connected and left (another etrnd checking the socket is in use)
             writer.write(json.dumps(reply, default=str).encode() + b"\n")
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 await writer.drain()
@@ -114,7 +116,7 @@ class ControlServer:
             self._clients -= 1
             writer.close()
 
-    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any]:
+    async def _answer(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 line = await reader.readline()
@@ -122,6 +124,8 @@ class ControlServer:
             return _refuse("request too long")
         except TimeoutError:
             return _refuse("request timed out")
+        if not line:
+            return None  # no request at all: nothing to answer, nothing wrong
         try:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError):

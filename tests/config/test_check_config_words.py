@@ -208,9 +208,14 @@ def test_watched_interface_that_does_not_exist(clean: Path) -> None:
 def test_control_socket_directory_missing(clean: Path, tmp_path: Path) -> None:
     clean.write_text(clean.read_text().replace("control.sock", "nodir/control.sock"))
     [line] = warned(check(clean))
-    assert line.startswith(f"control.socket: directory {tmp_path / 'nodir'} does not exist: "
+    # Not under /run: no hint about RuntimeDirectory=, which makes directories there only.
+    assert line == (f"control.socket: directory {tmp_path / 'nodir'} does not exist: "
+                    "run fails to create the socket unless it is made first"), line
+    clean.write_text(clean.read_text().replace(f"{tmp_path}/nodir", "/run/etrnd-nodir"))
+    [line] = warned(check(clean))
+    assert line.startswith("control.socket: directory /run/etrnd-nodir does not exist: "
                            "run fails to create the socket unless it is made first (a unit's "
-                           "RuntimeDirectory=nodir does; "), line
+                           "RuntimeDirectory=etrnd-nodir does; "), line
 
 
 @pytest.mark.root

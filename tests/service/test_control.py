@@ -82,3 +82,39 @@ def test_clients_without_daemon(tmp_path: Path, command: list[str]) -> None:
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
     assert res.stderr.strip() == f"etrnd: no etrnd daemon is listening on {tmp_path / 'none.sock'}"
+
+
+async def test_another_etrnds_probe_is_no_bad_request(tmp_path: Path) -> None:
+    """A second etrnd connects to see whether the socket is in use and leaves without a
+    request: the running daemon has nothing to answer and nothing to warn about."""
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "control.sock"
+    server = ControlServer(path, handler)
+    await server.start()
+    with capture_logs() as logged:
+        with pytest.raises(ControlError, match="another etrnd is already listening"):
+            await asyncio.to_thread(bind_socket, path)
+        # A request after the probe: by its answer the probe's connection was served too.
+        assert (await asyncio.to_thread(request, path, {"cmd": "status"}))["ok"] is True
+        for _ in range(10):
+            await asyncio.sleep(0)
+    await server.close()
+    assert [e for e in logged if e["event"] == "control_bad_request"] == []
+
+
+async def test_status_into_a_closed_pipe_says_nothing(tmp_path: Path) -> None:
+    """`etrnd status | head -2`: the reader leaves early; no BrokenPipeError traceback."""
+    path = tmp_path / "control.sock"
+    server = ControlServer(path, handler)
+    await server.start()
+    config = tmp_path / "etrnd.yaml"
+    config.write_text("relays: [{host: 127.0.0.1, etrn: ['@example.org']}]\n"
+                      f"control: {{socket: {path}}}\n")
+    errors = tmp_path / "stderr"
+    # `true` exits at once, so the pipe is closed before etrnd writes its answer.
+    proc = await asyncio.create_subprocess_shell(
+        f"{sys.executable} -m etrnd status --json -c {config} 2>{errors} | true")
+    assert await proc.wait() == 0
+    await server.close()
+    assert "Traceback" not in errors.read_text(), errors.read_text()
