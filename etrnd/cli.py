@@ -31,7 +31,7 @@ signals:
 exit status:
   0  stopped by SIGTERM or SIGINT
   1  another fatal error (netlink refused, control socket taken, ...)
-  2  invalid configuration (every problem listed on stderr)"""
+  2  invalid configuration (each problem on stderr; a YAML syntax error alone)"""
 _CHECK = """\
 Load and validate the config, print a one-screen summary of it, then any warnings: values
 that are valid but will not work here (the example's placeholders, port 25 with tls: implicit

@@ -426,11 +426,12 @@ def etrnd_yaml_5() -> str:
     lines += [".SH SYNOPSIS", italic("/etc/etrnd/etrnd.yaml")]
     lines += [".SH DESCRIPTION"]
     lines += para("A YAML mapping. Only `relays` is required; every other key has the default "
-                  "shown. Unknown keys, duplicate keys, wrong values and YAML syntax errors are "
-                  "all reported at once, each with its key path, and etrnd refuses to start "
-                  "(exit status 2). Check a file with `etrnd check-config -c FILE`; the daemon "
-                  "re-reads it on SIGHUP and keeps the running configuration if the new one is "
-                  "invalid.")
+                  "shown. Unknown keys and wrong values are all reported together, each with "
+                  "its key path. A YAML syntax error (a tab, a duplicate key) stops reading the "
+                  "file, so it is reported alone, with its line and column: fix it and check "
+                  "again to see the rest. Either way etrnd refuses to start (exit status 2). "
+                  "Check a file with `etrnd check-config -c FILE`; the daemon re-reads it on "
+                  "SIGHUP and keeps the running configuration if the new one is invalid.")
     lines += para("A duration is a number of seconds or a number with a unit: `500ms`, `30s`, "
                   "`5m`, `2h`, `1d`. A list is written `[a, b]` or one `- item` a line. Keys "
                   "are written as paths: `relays[].auth.username` is `username` inside `auth` "
