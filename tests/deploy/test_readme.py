@@ -21,7 +21,8 @@ EVENTS = "docs/events.md"
 # The README's sections, in order: what an operator looks for (issue 20).
 SECTIONS = ["Quick start", "Install on a gateway", "Docker", "Commands", "Configuration",
             "Status, trigger, reload", "Logs", "Troubleshooting",
-            "ODMR: when the ISP cannot reach you", "More documentation"]
+            "ODMR: when the ISP cannot reach you", "Two lines: a fixed line and an LTE backup",
+            "More documentation"]
 
 
 def test_readme_names_the_two_commands() -> None:
