@@ -21,8 +21,9 @@ about one event a second: flaps faster than that are never seen by anyone.) Cont
 - floor: bench/floor.py, a bare prototype (pyroute2 link events + one aiosmtplib session,
   nothing else): etrnd's overhead is measured against it in the same run.
 
-Also: start -> READY=1 time (etrnd and the floor), `etrnd send` on its own, and idle RSS and
-wake-ups (context switches) over --idle s.
+Also: start -> READY=1 time (etrnd, with its StateDirectory= as systemd gives it: the first
+start without a cached config apart, and the floor), `etrnd send` on its own (the first one,
+without a cached config, apart), and idle RSS and wake-ups (context switches) over --idle s.
 Only namespaces this script creates are touched; they are removed at the end.
 """
 
@@ -204,7 +205,8 @@ def report(name: str, values: list[float]) -> str:
             f"p99 {pct(values, 99):8.2f} ms  min {min(values):7.2f}  max {max(values):8.2f}")
 
 
-def ready_time(office: Netns, cmd: list[str], tmp: Path, runs: int) -> list[float]:
+def ready_time(office: Netns, cmd: list[str], tmp: Path, runs: int,
+               env: dict[str, str] | None = None) -> list[float]:
     """Seconds from spawning `cmd` (`etrnd run`, the floor) to its READY=1 datagram."""
     times = []
     for _ in range(runs):
@@ -213,7 +215,8 @@ def ready_time(office: Netns, cmd: list[str], tmp: Path, runs: int) -> list[floa
         sock.bind(str(path))
         sock.settimeout(10)
         t0 = time.monotonic()
-        proc = subprocess.Popen(office.cmd(*cmd), env={**os.environ, "NOTIFY_SOCKET": str(path)},
+        proc = subprocess.Popen(office.cmd(*cmd),
+                                env={**os.environ, **(env or {}), "NOTIFY_SOCKET": str(path)},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         while b"READY=1" not in sock.recv(4096):
             pass
@@ -280,6 +283,10 @@ def main() -> int:
         tmp = Path(tmpdir)
         (tmp / "a").mkdir()
         (tmp / "b").mkdir()
+        (tmp / "ready").mkdir(mode=0o700)
+        # `etrnd send` keeps its validated config in $XDG_CACHE_HOME/etrnd (root's own when an
+        # ip-up script runs it): here, not in the machine's /root/.cache.
+        os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")
         config_a = write_config(tmp / "a", wan_a, level=args.log_level)
         config_b = write_config(tmp / "b", wan_b, level=args.log_level)
         # The floor and etrnd each in a lab of their own, both running, flapped in turn
@@ -328,16 +335,25 @@ def main() -> int:
             "etrnd run": [sys.executable, "-m", "etrnd", "run", "-c", str(config_a)],
             "floor": [sys.executable, str(ROOT / "bench" / "floor.py"), wan_a, ISP, str(PORT)],
         }
+        # etrnd starts as systemd starts it, with its StateDirectory= (the validated config is
+        # kept there): the first start validates the file (cold), the others read the cache.
+        state = {"STATE_DIRECTORY": str(tmp / "ready")}
+        cold = ready_time(office_a, starts["etrnd run"], tmp, 1, state)[0]
         ready: dict[str, list[float]] = {name: [] for name in starts}
         for _ in range(5):  # interleaved, so a busy moment hurts both alike
             for name, cmd in starts.items():
-                ready[name] += ready_time(office_a, cmd, tmp, 2)
+                ready[name] += ready_time(office_a, cmd, tmp, 2,
+                                          state if name == "etrnd run" else None)
+        print(f"start -> READY=1 (etrnd run, first start: no cached config): "
+              f"{cold * 1000:.0f} ms", flush=True)
         for name, times in ready.items():
             print(f"start -> READY=1 ({name}): median {statistics.median(times) * 1000:.0f} ms,"
                   f" max {max(times) * 1000:.0f} ms over {len(times)} starts", flush=True)
         ratio = statistics.median(ready["etrnd run"]) / statistics.median(ready["floor"])
         print(f"READY etrnd / floor: {ratio:.2f}x; {loadavg()}", flush=True)
+        first = send_time(office_a, config_a, 1)[0]
         sends = send_time(office_a, config_a, 10)
+        print(f"etrnd send, first (no cached config): {first * 1000:.0f} ms", flush=True)
         print(f"etrnd send (link up, one ETRN): median {statistics.median(sends) * 1000:.0f} ms,"
               f" max {max(sends) * 1000:.0f} ms over {len(sends)} runs; {loadavg()}",
               flush=True)

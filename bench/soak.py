@@ -35,7 +35,7 @@ CRASH_EVENTS = ("round_crashed", "daemon_fatal", "control_error", "link_watch_fa
 
 def _daemon(config: str, task_file: str) -> int:
     """`etrnd run`, plus SIGUSR2 -> write len(asyncio.all_tasks()) to task_file."""
-    from etrnd.config.schema import load_config
+    from etrnd.config.loading import load_config
     from etrnd.outputs import logs
     from etrnd.service.daemon import Daemon
 

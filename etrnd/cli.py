@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from etrnd import __version__
+from etrnd.config.model import Config, Watch, resolve_path
 from etrnd.config.preflight import EXIT_CONFIG, check_secrets, load_or_report, report
-from etrnd.config.schema import Config, Watch, resolve_path
 
 EXIT_OK = 0
 EXIT_FATAL = 1

@@ -6,8 +6,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from etrnd.config.model import Config, Relay, Retry
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
-from etrnd.config.schema import Config, Relay, Retry
 from etrnd.config.values import check_atrn_domain, check_etrn_argument
 from etrnd.link import egress
 from etrnd.loop.offloop import ThreadPerCall

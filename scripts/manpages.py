@@ -303,7 +303,7 @@ VALUE_KINDS = {
     "check_server": "host name or address",
     "check_etrn_argument": "ETRN argument",
     "parse_deliver_to": "HOST:PORT, lmtp:HOST:PORT or lmtp:/path",
-    "read_password": "path or credential name",
+    "validate_password": "path or credential name",
     "check_source": "auto, kernel or an address",
 }
 

@@ -6,8 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationInfo
-
 # systemd puts a service's credentials (LoadCredential=) here and says so in this variable.
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 _CREDENTIALS_ROOT = Path("/run/credentials")
@@ -23,10 +21,13 @@ class Secret:
     `credential` is the systemd credential name when the config named one (a bare name, or a
     path under /run/credentials/UNIT/). `unread` says why the value was not read: only
     check-config run outside the service gets such a Secret, and its `value` is then empty.
+    `written` is `password_file` as the config wrote it: what the validated-config cache
+    keeps, to read the password again at each load (etrnd.config.loading).
     """
 
     source: str
     value: str
+    written: str = ""
     credential: str | None = None
     unit: str | None = None
     unread: str | None = None
@@ -45,12 +46,16 @@ def _credential_of(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def read_password(value: object, info: ValidationInfo) -> Secret:
+def read_password(value: object, defer: bool = False) -> Secret:
+    """The Secret `password_file: value` names, its file read now.
+
+    With `defer` (check-config from a shell), a systemd credential present only inside the
+    service is an unread Secret instead. Raises ValueError in the config's words.
+    """
     if isinstance(value, Secret):
         return value
     if not isinstance(value, str) or not value:
         raise ValueError("must be a file path or a credential name")
-    defer = bool(info.context and info.context.get(DEFER_CREDENTIALS))
     cred: tuple[str | None, str] | None = None
     if "/" in value:
         path = Path(value)
@@ -62,13 +67,14 @@ def read_password(value: object, info: ValidationInfo) -> Secret:
             why = (f"{value!r} is a systemd credential (LoadCredential=), present only inside "
                    f"the service, and ${CREDENTIALS_ENV} is not set")
             if defer:
-                return Secret(source=value, value="", credential=value, unread=why)
+                return Secret(source=value, value="", written=value, credential=value,
+                              unread=why)
             raise ValueError(why + "; outside the service run: systemd-run --wait --pipe "
                              f"-p LoadCredential={value}:FILE etrnd ...")
         path = Path(cred_dir) / value
     if defer and cred is not None and cred[0] is not None and not path.exists():
         unit, name = cred
-        return Secret(source=value, value="", credential=name, unit=unit,
+        return Secret(source=value, value="", written=value, credential=name, unit=unit,
                       unread=f"{path} exists only inside {unit}")
     try:
         raw = path.read_text(encoding="utf-8")
@@ -77,8 +83,8 @@ def read_password(value: object, info: ValidationInfo) -> Secret:
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     password = check_password_text(raw, str(path))
-    return Secret(source=str(path), value=password, credential=cred[1] if cred else None,
-                  notice=password_notice(password))
+    return Secret(source=str(path), value=password, written=value,
+                  credential=cred[1] if cred else None, notice=password_notice(password))
 
 
 def check_password_text(raw: str, where: str) -> str:

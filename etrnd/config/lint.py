@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from etrnd.config.model import Config, Relay, key_path
 from etrnd.config.preflight import UNIT, unit_runtime_directories
-from etrnd.config.problems import key_path
-from etrnd.config.schema import Config, Relay
 from etrnd.config.values import split_listen
 
 # Names reserved for examples that never resolve (RFC 2606 sections 2 and 3). `.test` is

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etrnd.config.credentials import Secret, check_password_text, password_notice
-from etrnd.config.problems import key_path
-from etrnd.config.schema import Config, ConfigError, load_config, resolve_path
+from etrnd.config.loading import load_config
+from etrnd.config.model import Config, ConfigError, key_path, resolve_path
 from etrnd.outputs.logs import get_logger
 
 EXIT_CONFIG = 2

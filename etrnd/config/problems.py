@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from etrnd.config.model import key_path
 from etrnd.config.yamlsource import Document, Loc, Place
 
 _BOOLEAN_WORDS = "unquoted yes/no/on/off/true/false are booleans"
@@ -34,24 +35,6 @@ def relay_names(data: object) -> dict[int, str]:
                 break
     counts = list(names.values())
     return {i: n for i, n in names.items() if counts.count(n) == 1}
-
-
-def key_path(loc: Loc, names: Mapping[int, str]) -> str:
-    """`relays[isp].auth.username` for ('relays', 0, 'auth', 'username')."""
-    out = ""
-    for i, part in enumerate(loc):
-        if i == 1 and loc[0] == "relays" and isinstance(part, int) and part in names:
-            out += f"[{_key(names[part])}]"
-        else:
-            out += ("." if out else "") + _key(part)
-    return out or "(top level)"
-
-
-def _key(part: int | str) -> str:
-    # An unknown key is the user's text: quote it when it is empty or holds a line break or
-    # other control, so each problem stays one readable `key.path: reason` line.
-    text = str(part)
-    return text if text and text.isprintable() and text.strip() == text else repr(text)
 
 
 def _data_loc(loc: tuple[int | str, ...]) -> Loc:

@@ -1,9 +1,8 @@
-"""Load and validate the YAML configuration into frozen pydantic models."""
+"""Validate the YAML configuration with pydantic (whose descriptions are the man page)."""
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -20,11 +19,11 @@ from pydantic import (
     model_validator,
 )
 
-from etrnd.config import failover, yamlsource
+from etrnd.config import failover, model, yamlsource
 from etrnd.config.credentials import DEFER_CREDENTIALS, Secret, read_password
+from etrnd.config.model import ConfigError, resolve_path
 from etrnd.config.problems import problems
 from etrnd.config.values import (
-    DEFAULT_DELIVER_TO,
     DeliverTo,
     check_atrn_domain,
     check_etrn_argument,
@@ -40,17 +39,8 @@ from etrnd.config.values import (
 )
 from etrnd.config.yamlsource import Document
 
-DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
-ENV_CONFIG = "ETRND_CONFIG"
-
-
-
-class ConfigError(Exception):
-    """Every problem found in a config file, each as `key.path: reason`."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+# The runtime classes (etrnd.config.model) repeat these models' field names and defaults:
+# change both (tests/config/test_model.py compares them).
 
 
 def _local_mta_shorthand(value: object) -> object:
@@ -69,8 +59,15 @@ InterfacePattern = Annotated[str, AfterValidator(check_ifname)]
 DeliverTarget = Annotated[
     DeliverTo, BeforeValidator(parse_deliver_to), PlainSerializer(str, return_type=str)
 ]
+
+
+def validate_password(value: object, info: ValidationInfo) -> Secret:
+    """`password_file:` read (etrnd.config.credentials.read_password) in pydantic's context."""
+    return read_password(value, bool(info.context and info.context.get(DEFER_CREDENTIALS)))
+
+
 Password = Annotated[
-    Secret, BeforeValidator(read_password), PlainSerializer(lambda s: s.source, return_type=str)
+    Secret, BeforeValidator(validate_password), PlainSerializer(lambda s: s.source, return_type=str)
 ]
 
 
@@ -136,11 +133,6 @@ class RelayWatch(_Model):
             "(after that link's down_hold). When one of those links is up again, this "
             "relay's round is cancelled as on its own link-down."))
 
-    def over(self, top: Watch) -> Watch:
-        """The watch this relay runs by: its own keys over the top-level ones."""
-        mine = {k: v for k in Watch.model_fields if (v := getattr(self, k)) is not None}
-        return top.model_copy(update=mine)
-
 
 class Auth(_Model):
     username: WireToken = Field(description="The AUTH user name.")
@@ -152,19 +144,6 @@ class Auth(_Model):
 
 
 TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
-
-
-def default_helo(name: str | None = None) -> str:
-    """The machine's FQDN (or `name`), or its host name when that is all /etc/hosts knows.
-
-    Without `name` this asks the resolver, which can hang for many seconds: never call it on
-    the event loop (smtp.resolve_helo runs it off the loop with a bound).
-    """
-    name = socket.getfqdn() if name is None else name
-    try:
-        return check_hostname(name)
-    except ValueError:
-        return "localhost"
 
 
 class Relay(_Model):
@@ -263,18 +242,6 @@ class Relay(_Model):
     @property
     def all_hosts(self) -> tuple[str, ...]:
         return self.hosts if self.hosts is not None else (self.host or "",)
-
-    @property
-    def effective_port(self) -> int:
-        if self.port is not None:
-            return self.port
-        if self.protocol == "odmr":
-            return 366  # RFC 2645 section 3, with or without implicit TLS
-        return 465 if self.tls == "implicit" else 25
-
-    @property
-    def effective_deliver_to(self) -> DeliverTo:
-        return self.deliver_to if self.deliver_to is not None else DEFAULT_DELIVER_TO
 
 
 class Retry(_Model):
@@ -392,28 +359,25 @@ class Config(_Model):
             seen.add(relay.label)
         return self
 
-    def watch_of(self, relay: Relay) -> Watch:
-        """The watch `relay` runs by (its own `watch:` over the top-level one)."""
-        return self.watch if relay.watch is None else relay.watch.over(self.watch)
 
-    def relay(self, name: str) -> Relay:
-        for relay in self.relays:
-            if relay.label == name:
-                return relay
-        known = ", ".join(r.label for r in self.relays)
-        raise KeyError(f"no relay named {name!r} (configured: {known})")
+RUNTIME: dict[type[BaseModel], type] = {
+    Config: model.Config, Watch: model.Watch, RelayWatch: model.RelayWatch, Relay: model.Relay,
+    Auth: model.Auth, Retry: model.Retry, Control: model.Control, Log: model.Log,
+    LocalMtaCheck: model.LocalMtaCheck, Metrics: model.Metrics, Health: model.Health}
 
 
-def resolve_path(path: str | os.PathLike[str] | None) -> Path:
-    """`-c FILE`, else `$ETRND_CONFIG`, else the system default."""
-    if path:
-        return Path(path)
-    env = os.environ.get(ENV_CONFIG)
-    return Path(env) if env else DEFAULT_PATH
+def runtime(value: object) -> object:
+    """`value` with each of these models turned into its etrnd.config.model dataclass."""
+    if isinstance(value, BaseModel):
+        return RUNTIME[type(value)](
+            **{name: runtime(getattr(value, name)) for name in type(value).model_fields})
+    if isinstance(value, tuple):
+        return tuple(runtime(v) for v in value)
+    return value
 
 
 def parse_config(data: object, *, defer_credentials: bool = False,
-                 document: Document | None = None) -> Config:
+                 document: Document | None = None) -> model.Config:
     """Validate an already-parsed YAML document (`document`: where each value was written).
 
     With `defer_credentials`, a systemd credential that exists only inside the service is
@@ -427,17 +391,20 @@ def parse_config(data: object, *, defer_credentials: bool = False,
         config = Config.model_validate(data, context={DEFER_CREDENTIALS: defer_credentials})
     except ValidationError as exc:
         raise ConfigError(list(problems(exc, document, data, Config))) from None
+    converted = runtime(config)
+    assert isinstance(converted, model.Config)
     # Across relays: a relay watch that can never be up.
     found = failover.problems(
-        {r.label: (r.watch.only_when_down if r.watch is not None else ()) for r in config.relays},
-        {r.label: config.watch_of(r) for r in config.relays})
+        {r.label: (r.watch.only_when_down if r.watch is not None else ())
+         for r in converted.relays},
+        {r.label: converted.watch_of(r) for r in converted.relays})
     if found:
         raise ConfigError(found)
-    return config
+    return converted
 
 
 def parse_yaml(text: str, source: str = "<config>", *,
-               defer_credentials: bool = False) -> Config:
+               defer_credentials: bool = False) -> model.Config:
     try:
         document = yamlsource.read(text, source)
     except yamlsource.YamlError as exc:
@@ -445,16 +412,36 @@ def parse_yaml(text: str, source: str = "<config>", *,
     return parse_config(document.data, defer_credentials=defer_credentials, document=document)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *,
-                defer_credentials: bool = False) -> Config:
-    """Read, parse and validate; every failure is a ConfigError with readable problems."""
+def validate_file(path: str | os.PathLike[str] | None = None, *,
+                  defer_credentials: bool = False) -> model.Config:
+    """Read, parse and validate the file, every time (etrnd.config.loading.load_config
+    remembers the result); every failure is a ConfigError with readable problems."""
     resolved = resolve_path(path)
     try:
         raw = resolved.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{resolved}: cannot read: {exc.strerror or exc}"]) from None
+    return validate_bytes(raw, resolved, defer_credentials=defer_credentials)
+
+
+def validate_bytes(raw: bytes, resolved: Path, *,
+                   defer_credentials: bool = False) -> model.Config:
+    """Parse and validate the file's bytes as read from `resolved`."""
     try:
         text = yamlsource.decode(raw, str(resolved))
     except yamlsource.YamlError as exc:
         raise ConfigError([exc.problem]) from None
     return parse_yaml(text, str(resolved), defer_credentials=defer_credentials)
+
+
+def watch_with(base: model.Watch, overrides: dict[str, object]) -> model.Watch:
+    """`base` with `overrides` (the watcher's command line), validated as the file's `watch:`
+    is; ConfigError with `key: reason` problems."""
+    data = {f: getattr(base, f) for f in Watch.model_fields} | overrides
+    try:
+        watch = Watch.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(list(problems(exc, None, data, Watch))) from None
+    converted = runtime(watch)
+    assert isinstance(converted, model.Watch)
+    return converted

@@ -254,3 +254,16 @@ def split_listen(value: str) -> tuple[str, int]:
 def check_listen(value: str) -> str:
     split_listen(value)
     return value
+
+
+def default_helo(name: str | None = None) -> str:
+    """The machine's FQDN (or `name`), or its host name when that is all /etc/hosts knows.
+
+    Without `name` this asks the resolver, which can hang for many seconds: never call it on
+    the event loop (smtp.resolve_helo runs it off the loop with a bound).
+    """
+    name = socket.getfqdn() if name is None else name
+    try:
+        return check_hostname(name)
+    except ValueError:
+        return "localhost"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from etrnd.outputs.logs import get_logger
 
 if TYPE_CHECKING:
-    from etrnd.config.schema import Relay, Watch
+    from etrnd.config.model import Relay, Watch
 
 # Per family (AF_INET/AF_INET6), the usable global addresses of an interface, by name.
 Addresses = Callable[[str, int], list[str]]

@@ -10,7 +10,7 @@ from etrnd.link.debounce import Debouncer, DownHold
 from etrnd.link.state import Family, UpWhen, Verdict
 
 if TYPE_CHECKING:
-    from etrnd.config.schema import Config, Watch
+    from etrnd.config.model import Config, Watch
 
 
 # --- the plan: what the config asks for ---------------------------------------------------

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-from pydantic import ValidationError
-
-from etrnd.config.schema import ConfigError, Watch, load_config
+from etrnd.config.loading import load_config
+from etrnd.config.model import ConfigError, Watch
 from etrnd.config.values import parse_duration
 from etrnd.link.lines import GateChange, Lines, LinkChange, Output, Plan, plan, single
 from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
@@ -428,7 +427,9 @@ def _watch_from(args: argparse.Namespace) -> Watch | Plan:
         "down_hold": args.down_hold}.items() if v is not None}
     if config is not None and not overrides:
         return plan(config)
-    return Watch.model_validate({**base.model_dump(), **overrides})
+    from etrnd.config.schema import watch_with  # pydantic: only for this debugging aid
+
+    return watch_with(base, overrides)
 
 
 async def _print_decisions(watch: Watch | Plan, args: argparse.Namespace) -> None:
@@ -457,11 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"etrnd.link.watcher: {problem}", file=sys.stderr)
-        return 2
-    except ValidationError as exc:
-        for err in exc.errors(include_url=False):
-            where = ".".join(map(str, err["loc"]))
-            print(f"etrnd.link.watcher: {where}: {err['msg']}", file=sys.stderr)
         return 2
 
     async def run() -> None:

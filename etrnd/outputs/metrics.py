@@ -16,7 +16,7 @@ from etrnd.outputs.logs import get_logger
 if TYPE_CHECKING:  # prometheus_client is imported only once metrics are configured
     from prometheus_client import CollectorRegistry
 
-    from etrnd.config.schema import Config
+    from etrnd.config.model import Config
 
 log = get_logger()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from etrnd import __version__
-from etrnd.config.schema import Config, Relay
+from etrnd.config.model import Config, Relay
 from etrnd.outputs import health, logs
 from etrnd.outputs.health import clock, duration
 from etrnd.protocols.seam import Messages

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from etrnd.config.schema import Relay
+from etrnd.config.model import Relay
 from etrnd.protocols import etrn
 from etrnd.protocols.seam import SendAttempt
 

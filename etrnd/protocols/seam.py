@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 from etrnd.protocols.replies import Outcome, Verdict
 
 if TYPE_CHECKING:
-    from etrnd.config.schema import Relay
+    from etrnd.config.model import Relay
 
 OnHost = Callable[[str], None]
 OnReply = Callable[[str, Verdict], None]

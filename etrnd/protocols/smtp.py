@@ -11,7 +11,8 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPHeloError, SMTPResponseException
 
-from etrnd.config.schema import Relay, default_helo
+from etrnd.config.model import Relay
+from etrnd.config.values import default_helo
 from etrnd.link import egress
 from etrnd.loop import offloop
 from etrnd.outputs.logs import get_logger

@@ -13,10 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-
-from etrnd.config.schema import Control, resolve_path
+from etrnd.config.model import Control, resolve_path
 from etrnd.outputs.logs import get_logger
 
 MAX_REQUEST = 4096  # a request is a few dozen bytes; anything longer is abuse
@@ -149,10 +146,16 @@ def _refuse(reason: str) -> dict[str, Any]:
 
 def socket_path_for(config_path: str | None) -> Path:
     """Only control.socket is needed, so a client works without reading relay secrets."""
+    # Imported here: the daemon, which imports this module, never needs them.
+    import yaml
+    from pydantic import ValidationError
+
+    from etrnd.config import schema
+
     try:
         data = yaml.safe_load(resolve_path(config_path).read_text(encoding="utf-8"))
         section = data.get("control", {}) if isinstance(data, dict) else {}
-        return Control.model_validate(section or {}).socket
+        return schema.Control.model_validate(section or {}).socket
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError, AttributeError):
         return Control().socket
 

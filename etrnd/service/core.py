@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from etrnd.config.schema import Config
+    from etrnd.config.model import Config
     from etrnd.link import egress
     from etrnd.link.watcher import LinkWatcher
     from etrnd.loop.stall import StallDetector

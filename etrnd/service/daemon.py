@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Collection
 from pathlib import Path
 
 from etrnd import __version__
+from etrnd.config.model import Config, resolve_path
 from etrnd.config.preflight import EXIT_CONFIG, load_or_report, warn_secrets
-from etrnd.config.schema import Config, resolve_path
 from etrnd.link import egress
 from etrnd.link.lines import LinkChange, plan
 from etrnd.link.watcher import Decision, LinkWatcher

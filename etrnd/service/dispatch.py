@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import Collection
 
-from etrnd.config.schema import Config, Relay
+from etrnd.config.model import Config, Relay
 from etrnd.link import egress
 from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger

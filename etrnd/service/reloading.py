@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from etrnd.config.schema import Config, ConfigError, load_config
+from etrnd.config.loading import load_config
+from etrnd.config.model import Config, ConfigError
 from etrnd.link.lines import plan
 from etrnd.loop import offloop
 from etrnd.outputs import logs, metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from etrnd.config.schema import Retry
+from etrnd.config.model import Retry
 
 
 @dataclass(frozen=True)

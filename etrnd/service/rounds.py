@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from etrnd.config.schema import Relay, Retry
+from etrnd.config.model import Relay, Retry
 from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
 from etrnd.protocols.choose import attempt_for

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config.schema import ConfigError, load_config, parse_yaml
+from etrnd.config.model import ConfigError
+from etrnd.config.schema import parse_yaml, validate_file
 from etrnd.config.values import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ def test_example_is_valid(example_text: str) -> None:
 def test_secret_never_in_repr(example_text: str) -> None:
     config = parse_yaml(example_text)
     assert "s3cret-pw" not in repr(config)
-    assert "s3cret-pw" not in str(config.model_dump())
+    assert "s3cret-pw" not in str(config)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,7 @@ def test_duplicate_relay_names() -> None:
 
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(tmp_path / "missing.yaml")
+        validate_file(tmp_path / "missing.yaml")
     missing = tmp_path / "missing.yaml"
     assert info.value.problems == [f"{missing}: cannot read: No such file or directory"]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config.schema import ConfigError, parse_yaml
+from etrnd.config.model import ConfigError
+from etrnd.config.schema import parse_yaml
 
 RELAY = "relays: [{name: isp, host: 127.0.0.1, port: 2, helo: gw.example.org, etrn: ['@x.test']}]\n"
 

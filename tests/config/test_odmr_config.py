@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from etrnd.config.schema import ConfigError, parse_yaml
+from etrnd.config.model import ConfigError
+from etrnd.config.schema import parse_yaml
 from etrnd.config.values import DeliverTo, parse_deliver_to
 
 

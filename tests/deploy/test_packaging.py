@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from etrnd.config.credentials import CREDENTIALS_ENV
-from etrnd.config.schema import DEFAULT_PATH, ENV_CONFIG, Control
+from etrnd.config.model import DEFAULT_PATH, ENV_CONFIG, Control
 from tests.deploy.test_install import BUILD_INPUTS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import aiosmtplib
 
-from etrnd.config.schema import ConfigError, parse_yaml
+from etrnd.config.model import ConfigError
+from etrnd.config.schema import parse_yaml
 from tests.support import docs
 
 ROOT = Path(__file__).resolve().parents[2]

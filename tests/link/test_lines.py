@@ -11,7 +11,8 @@ import pytest
 
 from etrnd.cli import main
 from etrnd.config.failover import implies
-from etrnd.config.schema import ConfigError, Watch, parse_yaml
+from etrnd.config.model import ConfigError, Watch
+from etrnd.config.schema import parse_yaml
 from etrnd.link.lines import (
     GateChange,
     GroupDecision,
@@ -93,9 +94,9 @@ def test_a_relay_watch_takes_every_key_it_leaves_out_from_the_top_level() -> Non
 
 
 def test_every_top_level_watch_key_can_be_set_per_relay() -> None:
-    from etrnd.config.schema import RelayWatch
+    from etrnd.config import schema
 
-    assert set(Watch.model_fields) <= set(RelayWatch.model_fields)
+    assert set(schema.Watch.model_fields) <= set(schema.RelayWatch.model_fields)
 
 
 def test_relays_with_the_same_watch_share_one_link_and_one_round_group() -> None:

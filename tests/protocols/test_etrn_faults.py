@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trustme
 
-from etrnd.config.schema import Relay, Retry
+from etrnd.config.model import Relay, Retry
 from etrnd.protocols import etrn
 from etrnd.protocols.replies import Outcome
 from etrnd.service.rounds import ArgOutcome, RelayStatus, run_all, run_round
@@ -318,8 +318,8 @@ async def test_explicit_arguments_override_config(tmp_path: Path) -> None:
 # In-process: the API the daemon uses.
 
 def relay(port: int, **kw: Any) -> Relay:
-    return Relay.model_validate({"name": "isp", "host": "127.0.0.1", "port": port, "tls": "none",
-                                 "helo": "office.test", "timeout": 2, "etrn": ["@a.test"], **kw})
+    return Relay(**{"name": "isp", "host": "127.0.0.1", "port": port, "tls": "none",
+                    "helo": "office.test", "timeout": 2.0, "etrn": ("@a.test",), **kw})
 
 
 async def test_many_arguments_use_several_sessions() -> None:

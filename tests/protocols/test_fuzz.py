@@ -12,7 +12,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from etrnd.config.schema import Config, ConfigError, parse_config, parse_yaml
+from etrnd.config.model import Config, ConfigError
+from etrnd.config.schema import parse_config, parse_yaml
 from etrnd.protocols.replies import Outcome, classify_auth, classify_reply, clean_text, failure
 
 ROOT = Path(__file__).resolve().parents[2]

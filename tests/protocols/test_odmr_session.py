@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import ssl
@@ -14,7 +15,8 @@ import pytest
 import trustme
 from structlog.testing import capture_logs
 
-from etrnd.config.schema import Relay, Retry, parse_yaml
+from etrnd.config.model import Relay, Retry
+from etrnd.config.schema import parse_yaml
 from etrnd.outputs import status as status_doc
 from etrnd.protocols.odmr import client as odmr
 from etrnd.protocols.odmr import turnaround
@@ -105,7 +107,7 @@ async def test_starttls_then_plain_and_the_turnaround_stays_encrypted(
     provider, office = Provider(queue=mails(2), tls=server), Office()
     async with serving(provider, office) as (port, office_port):
         relay, _ = relay_for(tmp_path, port, office_port, plaintext=False)
-        relay = relay.model_copy(update={"tls": "starttls"})
+        relay = dataclasses.replace(relay, tls="starttls")
         result = await odmr.attempt(relay, relay.etrn)
     assert result.messages.relayed == 2 and len(office.received) == 2
     assert provider.tls_log[0] == "EHLO office.test"
@@ -118,7 +120,7 @@ async def test_sessions_leave_from_the_source_address(tmp_path: Path) -> None:
     provider = Provider(queue=mails(1))
     async with serving(provider, Office()) as (port, office_port):
         relay, _ = relay_for(tmp_path, port, office_port)
-        relay = relay.model_copy(update={"source": "127.0.0.2"})
+        relay = dataclasses.replace(relay, source="127.0.0.2")
         result = await odmr.attempt(relay, relay.etrn)
     # Two sessions (the second ATRN, after mail came, gets 453), both from that address.
     assert result.messages.relayed == 1 and provider.peers == ["127.0.0.2"] * 2

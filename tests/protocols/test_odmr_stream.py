@@ -10,6 +10,7 @@ mid-DATA, MAIL straight after a failed DATA. The duplicate-risk test's slow offi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import sys
@@ -276,7 +277,7 @@ async def test_size_is_advertised_from_the_office_or_max_message_size(tmp_path: 
         provider = Provider(queue=mails(1))
         async with serving(provider, Office()) as (port, office_port):
             relay, _ = relay_for(tmp_path, port, office_port)
-            relay = relay.model_copy(update={"max_message_size": limit})
+            relay = dataclasses.replace(relay, max_message_size=limit)
             result = await odmr.attempt(relay, relay.etrn)
         assert result.messages.relayed == 1
         assert f"C: 250-SIZE {advertised}" in provider.log, provider.log

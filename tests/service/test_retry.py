@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from etrnd.config.schema import Retry
+from etrnd.config.model import Retry
 from etrnd.service.retry import Backoff
 
 

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from etrnd.config.schema import Relay, Retry, parse_yaml
+from etrnd.config.model import Relay, Retry
+from etrnd.config.schema import parse_yaml
 from etrnd.protocols.replies import Outcome, Verdict
 from etrnd.protocols.seam import AttemptResult, Messages
 from etrnd.service.rounds import ArgOutcome, RelayStatus, run_round

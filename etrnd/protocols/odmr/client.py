@@ -9,7 +9,7 @@ from typing import Any
 
 from aiosmtplib import SMTP, SMTPAuthenticationError
 
-from etrnd.config.schema import Relay
+from etrnd.config.model import Relay
 from etrnd.config.values import check_atrn_domain
 from etrnd.outputs import metrics
 from etrnd.outputs.logs import get_logger
