@@ -156,6 +156,9 @@ FILES = [
     ("/var/lib/etrnd/state.json", "Each relay's last success and failure, so that `etrnd status` "
                                   "still knows them after a restart ($STATE_DIRECTORY; the "
                                   "unit's StateDirectory=). Without it nothing is kept."),
+    ("/var/lib/etrnd/config-*.json, ~/.cache/etrnd/config-*.json",
+     "The configuration as last validated, read instead of validating again while the file, "
+     "etrnd's version and its code are unchanged; no password in it. Always safe to delete."),
     ("/etc/systemd/system/etrnd.service", "The systemd unit; it hands the relay's password "
                                           "over with LoadCredential=."),
 ]
@@ -167,8 +170,10 @@ ENVIRONMENT = [
                               "/run/secrets)."),
     ("NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID", "systemd's notify protocol: READY=1, "
                                                    "STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1."),
-    ("STATE_DIRECTORY", "Where the state file is kept (systemd sets it for StateDirectory=; "
-                        "the image sets /var/lib/etrnd)."),
+    ("STATE_DIRECTORY", "Where the state file and the validated configuration are kept "
+                        "(systemd sets it for StateDirectory=; the image sets /var/lib/etrnd)."),
+    ("XDG_CACHE_HOME", "Without STATE_DIRECTORY, the validated configuration is kept in "
+                       "$XDG_CACHE_HOME/etrnd, else ~/.cache/etrnd."),
     ("JOURNAL_STREAM", "With log.format auto, log to the journal natively when standard "
                        "error is the journal stream systemd set up."),
     ("SSL_CERT_FILE, SSL_CERT_DIR", "Trust store for verifying relays' certificates."),
