@@ -15,6 +15,7 @@ from etrnd.config.values import DEFAULT_DELIVER_TO, DeliverTo
 # ~2 ms) and in etrnd.config.schema (the pydantic models that validate the file and whose
 # descriptions are the man page). tests/config/test_model.py fails when names, order or
 # defaults differ. Everything checked lives in the schema; these classes only hold values.
+# Each has a docstring: without one, @dataclass builds it from inspect.signature at import.
 
 DEFAULT_PATH = Path("/etc/etrnd/etrnd.yaml")
 ENV_CONFIG = "ETRND_CONFIG"
@@ -60,6 +61,8 @@ def _key(part: int | str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Watch:
+    """Which interfaces make up the WAN, and when it counts as up (`watch:`)."""
+
     interfaces: tuple[str, ...] = ()
     up_when: UpWhen = "default-route"
     family: Family = "any"
@@ -88,6 +91,8 @@ class RelayWatch:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Auth:
+    """SMTP AUTH of a relay: the password read from its file (never printed)."""
+
     username: str
     password_file: Secret
     allow_plaintext: bool = False
@@ -95,6 +100,8 @@ class Auth:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Relay:
+    """One server to ask for the mail (`relays[]`)."""
+
     name: str | None = None
     protocol: Literal["etrn", "odmr"] = "etrn"
     host: str | None = None
@@ -134,6 +141,8 @@ class Relay:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Retry:
+    """Backoff after transient failures, per relay and round (seconds)."""
+
     first_delay: float = 5.0
     max_delay: float = 600.0
     factor: float = 2.0
@@ -143,11 +152,15 @@ class Retry:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Control:
+    """The control socket of `etrnd status` and `etrnd trigger`."""
+
     socket: Path = Path("/run/etrnd/control.sock")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Log:
+    """What is logged, and how."""
+
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json", "journal"] = "auto"
 
@@ -162,17 +175,23 @@ class LocalMtaCheck:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Metrics:
+    """Prometheus exposition over HTTP (etrnd.outputs.metrics); absent = off."""
+
     listen: str = "127.0.0.1:9469"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Health:
+    """Thresholds of `etrnd check` (seconds; 0 = never)."""
+
     warning_after: float = 900.0
     critical_after: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
+    """The whole validated file."""
+
     local_mta: LocalMtaCheck | None = None
     watch: Watch = Watch()
     relays: tuple[Relay, ...]
