@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,8 +63,9 @@ def load(config: Path, env: dict[str, str], cwd: Path = ROOT) -> dict[str, objec
     return out
 
 
-def etrnd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "etrnd", *args], env=env, cwd=ROOT,
+def etrnd(*args: str, env: dict[str, str],
+          python: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *python, "-m", "etrnd", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -75,6 +78,61 @@ def test_a_warm_start_imports_neither_pydantic_nor_yaml(lab: dict[str, Path]) ->
     assert warm["config"] == cold["config"]
     # Where no cache can be written every start validates, and still loads.
     assert load(lab["config"], env_for(Path("/nonexistent/etrnd-state")))["validated"]
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run imported, from its stderr."""
+    return {line.split("|")[2].strip() for line in stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+def test_real_run_and_send_started_warm_import_neither_pydantic_nor_yaml(
+        lab: dict[str, Path]) -> None:
+    # A relay on loopback where nothing listens (the port held, never listening): `send`
+    # fails fast (exit 4) after its retries; `run` watches an interface that does not exist.
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    lab["config"].write_text(
+        "watch: {interfaces: [etrnd-none0], up_when: carrier}\n"
+        f"relays: [{{name: isp, host: 127.0.0.1, port: {port}, tls: none, timeout: 1s,"
+        " helo: office.test, etrn: ['@example.org']}]\n"
+        "retry: {first_delay: 100ms, max_delay: 100ms, give_up_after: 300ms}\n"
+        f"control: {{socket: {lab['dir'] / 'control.sock'}}}\n"
+        "log: {level: warning, format: json}\n")
+    env = env_for(lab["state"])
+    try:
+        sends = [etrnd("send", "-c", str(lab["config"]), env=env, python=("-X", "importtime"))
+                 for _ in range(2)]
+    finally:
+        holder.close()
+    assert [s.returncode for s in sends] == [4, 4], sends[1].stderr[-2000:]
+    assert {"pydantic", "yaml"} <= imported(sends[0].stderr)  # cold: validated
+    assert not {"pydantic", "yaml"} & imported(sends[1].stderr)
+    notify = lab["dir"] / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(1.0)
+    run = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "etrnd", "run", "-c",
+                            str(lab["config"])], env={**env, "NOTIFY_SOCKET": str(notify)},
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 30
+        ready = False
+        while not ready and time.monotonic() < deadline and run.poll() is None:
+            try:
+                ready = b"READY=1" in sock.recv(4096)
+            except TimeoutError:
+                continue
+        assert ready, "etrnd run never sent READY=1"
+    finally:
+        run.terminate()
+        _, stderr = run.communicate(timeout=30)
+        sock.close()
+    assert run.returncode == 0, stderr[-2000:]
+    assert "asyncio" in imported(stderr)
+    assert not {"pydantic", "yaml"} & imported(stderr)
 
 
 def test_an_edited_file_is_validated_again_with_the_same_problems(lab: dict[str, Path]) -> None:
