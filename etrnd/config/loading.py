@@ -97,14 +97,15 @@ def load_config(path: str | os.PathLike[str] | None = None, *,
 
 def _read(where: Path, key: str) -> Config | None:
     """The cached Config for `key`, or None (absent, stale, not ours, or unreadable)."""
-    fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO put there must not hang the start.
+    fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as file:
         info = os.fstat(file.fileno())
         # Only a file this user wrote and nobody else can have changed is believed.
         if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
                 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
             return None
-        data = json.loads(file.read(_MAX_BYTES + 1)[:_MAX_BYTES])
+        data = json.loads(file.read(_MAX_BYTES))  # a longer one is cut: not JSON, a miss
     if not isinstance(data, dict) or data.get("key") != key:
         return None
     config = decode(data["config"])
