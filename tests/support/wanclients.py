@@ -4,8 +4,9 @@ Every process runs inside the test's namespaces, by PID, and is stopped at the e
 clients also run in a private mount and UTS namespace (`unshare -mu`) with a file of the
 test's bind-mounted over /etc/resolv.conf and tmpfs over their state directories: their
 scripts rewrite resolv.conf and may set the host name, which must never reach the host.
-Lifetimes are made short by configuration (lease 2 min, T1 10 s, T2 20 s; router lifetime
-6 s), so the real-world waits stay short without sleeping.
+Lifetimes are made short by configuration (lease 2 min, T1 3 s, T2 6 s; router lifetime
+6 s), and probing that proves nothing in a lab whose addresses are the test's own is off
+(dhcpcd's ARP probe, IPv6 DAD), so the real-world waits stay short without sleeping.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ISP_GW = "198.51.100.1"      # the ISP end of the WAN, the lease's router
 ISP_GW2 = "198.51.100.2"     # a second router on the same link, for a gateway change
 POOL = ("198.51.100.50", "198.51.100.59")
 RA_PREFIX = "2001:db8:18::"
-T1, T2 = 10, 20              # dhcp-option 58/59: renew and rebind times (s)
+T1, T2 = 3, 6                # dhcp-option 58/59: renew and rebind times (s), by default
 ROUTER_LIFETIME = 6          # radvd AdvDefaultLifetime (s); its shortest sane value here
 
 
@@ -44,8 +45,9 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 class Dnsmasq:
     """dnsmasq as the ISP's DHCPv4 server on one interface; its log is read for ACKs."""
 
-    def __init__(self, ns: Netns, iface: str, tmp: Path, router: str = ISP_GW) -> None:
-        self.ns, self.iface, self.tmp = ns, iface, tmp
+    def __init__(self, ns: Netns, iface: str, tmp: Path, router: str = ISP_GW,
+                 t1: int = T1, t2: int = T2) -> None:
+        self.ns, self.iface, self.tmp, self.t1, self.t2 = ns, iface, tmp, t1, t2
         self.log = tmp / f"dnsmasq-{iface}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start(router)
@@ -57,8 +59,8 @@ class Dnsmasq:
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
             f"--interface={self.iface}", "--bind-interfaces", "--user=root", "--group=root",
             f"--dhcp-range={POOL[0]},{POOL[1]},255.255.255.0,2m", "--dhcp-authoritative",
-            f"--dhcp-option=3,{router}", "--dhcp-option=6", f"--dhcp-option=58,{T1}",
-            f"--dhcp-option=59,{T2}", "--no-ping", "--log-dhcp",
+            f"--dhcp-option=3,{router}", "--dhcp-option=6", f"--dhcp-option=58,{self.t1}",
+            f"--dhcp-option=59,{self.t2}", "--no-ping", "--log-dhcp",
             f"--log-facility={self.log}", f"--dhcp-leasefile={self.tmp / 'dnsmasq.leases'}",
             f"--pid-file={self.tmp / 'dnsmasq.pid'}", stdin=subprocess.DEVNULL)
 
@@ -101,9 +103,11 @@ class Client:
 
     def argv(self) -> list[str]:
         if self.kind == "dhcpcd":
-            # -B foreground, -4 DHCPv4 only, -K no carrier watching of its own.
-            return ["dhcpcd", "-B", "-4", "-K", "-d", "-f", "/dev/null", "--noipv4ll",
-                    "-o", "routers", self.iface]
+            # -B foreground, -4 DHCPv4 only, -K no carrier watching of its own. --noarp:
+            # no ARP probe of the offered address (~6 s before dhcpcd binds it): the lab's
+            # addresses are the test's own, nothing else can hold one.
+            return ["dhcpcd", "-B", "-4", "-K", "-d", "-f", "/dev/null", "--noarp",
+                    "--noipv4ll", "-o", "routers", self.iface]
         if self.kind == "dhclient":
             return ["dhclient", "-d", "-4", "-v", "-lf", str(self.tmp / "dhclient.leases"),
                     "-pf", str(self.tmp / "dhclient.pid"), self.iface]
