@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING
 
+from etrnd.link.codec import route_oif
+from etrnd.link.rtnl import RTM_NEWROUTE, NetlinkError, Rtnl, route_get
 from etrnd.outputs.logs import get_logger
 
 if TYPE_CHECKING:
@@ -116,84 +117,31 @@ def choose(mode: str, route: Route, expected: Expected,
     return Choice(addrs[0], True, f"sending from {addrs[0]}, which is routed through {want}")
 
 
-# rtnetlink's route look-up (`ip route get`), by hand: pyroute2 builds and parses the same
-# two messages in ~0.5 ms of Python, which on a fast line is on the session's critical path
-# (the loop is busy with it when the relay's 220 arrives); struct does it in microseconds.
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
-_RTMSG = struct.Struct("=BBBBBBBBI")  # rtmsg: family, dst_len, src_len, tos, table, ...
-_RTA = struct.Struct("=HH")  # rtattr: len, type
-_RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLM_F_REQUEST = 24, 26, 2, 1
-_RTA_DST, _RTA_SRC, _RTA_OIF = 1, 2, 4
-
-
-def _attr(kind: int, family: int, addr: str) -> bytes:
-    data = socket.inet_pton(family, addr)
-    return _RTA.pack(_RTA.size + len(data), kind) + data  # 4 or 16 bytes: already aligned
-
-
-def route_request(seq: int, dst: str, src: str | None = None) -> bytes:
-    """An RTM_GETROUTE for `dst` (from `src`), as `ip route get` sends it."""
-    family = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    bits = 128 if family == socket.AF_INET6 else 32
-    body = _RTMSG.pack(family, bits, bits if src else 0, 0, 0, 0, 0, 0, 0)
-    body += _attr(_RTA_DST, family, dst) + (_attr(_RTA_SRC, family, src) if src else b"")
-    return _NLMSG.pack(_NLMSG.size + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, seq, 0) + body
-
-
-def route_oif(data: bytes, seq: int) -> int | bool | None:
-    """The output interface index in the kernel's answer to request `seq`: None when the
-    kernel has no route (an NLMSG_ERROR), False when `data` answers another request."""
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _, msg_seq, _ = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            break
-        if msg_seq == seq and kind == _NLMSG_ERROR:
-            return None  # ENETUNREACH and friends: no route (connect will say so)
-        if msg_seq == seq and kind == _RTM_NEWROUTE:
-            at, end = offset + _NLMSG.size + _RTMSG.size, offset + length
-            while at + _RTA.size <= end:
-                rta_len, rta_type = _RTA.unpack_from(data, at)
-                if rta_len < _RTA.size:
-                    break
-                if rta_type == _RTA_OIF:
-                    return int(struct.unpack_from("=I", data, at + _RTA.size)[0])
-                at += (rta_len + 3) & ~3
-            return None
-        offset += (length + 3) & ~3
-    return False
-
-
 class Router:
-    """One rtnetlink socket for route look-ups, opened on first use and kept: a look-up on
-    it costs well under a millisecond, opening one costs more than a loopback session."""
+    """One rtnetlink socket for route look-ups (`ip route get`), opened on first use and
+    kept: a look-up on it costs a few dozen µs, opening one more than a loopback session.
+    pyroute2 built and parsed the same two messages in ~0.5 ms of Python, which on a fast
+    line sat on the session's critical path (the loop busy with it when the 220 arrived)."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._lock: asyncio.Lock | None = None
-        self._seq = 0
+        self._rtnl: Rtnl | None = None
 
     async def via(self, dst: str, src: str | None = None) -> str | None:
         """The interface the kernel would send a packet to `dst` (from `src`) through.
 
         Raises OSError when netlink itself fails (the socket is then reopened next time).
         """
-        loop = asyncio.get_running_loop()
-        self._lock = self._lock or asyncio.Lock()
-        async with self._lock:
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        try:
+            self._rtnl = self._rtnl or Rtnl()
             try:
-                if self._sock is None:
-                    self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW
-                                               | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE)
-                sock = self._sock
-                self._seq = self._seq % 0x7FFFFFFF + 1
-                await loop.sock_sendall(sock, route_request(self._seq, dst, src))
-                while (oif := route_oif(await loop.sock_recv(sock, 1 << 16),
-                                        self._seq)) is False:
-                    pass  # a late answer to a look-up that was cancelled
-            except BaseException:
-                self.close()  # a socket that failed keeps failing: the next call reopens
-                raise
+                answer = await self._rtnl.request(*route_get(family, dst, src=src))
+            except NetlinkError:
+                return None  # ENETUNREACH and friends: no route (connect will say so)
+        except BaseException:
+            self.close()  # a socket that failed keeps failing: the next call reopens
+            raise
+        oif = next((route_oif(m) for m in answer if m.type == RTM_NEWROUTE), 0)
         if oif:
             with contextlib.suppress(OSError):
                 return socket.if_indextoname(oif)
@@ -205,9 +153,9 @@ class Router:
             await self.via("127.0.0.1")
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
+        rtnl, self._rtnl = self._rtnl, None
+        if rtnl is not None:
+            rtnl.close()
 
 
 async def source_for(relay: Relay, host: str, limit: float) -> tuple[str, int] | None:

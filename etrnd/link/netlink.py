@@ -1,12 +1,10 @@
-"""Thin rtnetlink adapter: subscribe, dump, filter in the kernel, yield typed immutable events."""
+"""The rtnetlink adapter: subscribe, dump, filter in the kernel, yield typed immutable events."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
-import os
 import socket
 import struct
 import sys
@@ -14,16 +12,30 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from etrnd.link import nexthops
-from etrnd.link.nexthops import RTM_DELNEXTHOP, RTM_NEWNEXTHOP, RTMGRP_NEXTHOP, to_nexthop
-from etrnd.link.rtnl import AsyncIPRoute, NetlinkError
+from etrnd.link import codec, nexthops
+from etrnd.link.nexthops import RTMGRP_NEXTHOP
+from etrnd.link.rtnl import (
+    NLM_F_MULTI,
+    REQUEST_TIMEOUT,
+    RTM_DELNEXTHOP,
+    RTM_DELROUTE,
+    RTM_F_FIB_MATCH,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_NEWLINK,
+    RTM_NEWNEXTHOP,
+    RTM_NEWROUTE,
+    Message,
+    NetlinkError,
+    Rtnl,
+    route_get,
+)
 from etrnd.link.state import (
     IFF_UP,
     AddrEvent,
     DefaultRoutes,
     Event,
     LinkEvent,
-    NexthopEvent,
     RouteEvent,
     Snapshot,
 )
@@ -31,28 +43,17 @@ from etrnd.outputs.logs import get_logger
 
 log = get_logger()
 
-# rtnetlink constants (linux/rtnetlink.h, linux/netlink.h, linux/if_addr.h)
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTN_UNICAST = 1
-RT_TABLE_LOCAL = 255
-RTM_F_FIB_MATCH = 0x2000
-NLM_F_MULTI = 0x2
-NLM_F_DUMP_INTR = 0x10
-NLM_F_REPLACE = 0x100
 # LINK, IPV4_IFADDR, IPV4_ROUTE, IPV6_IFADDR, IPV6_ROUTE, NEXTHOP
 GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400 | RTMGRP_NEXTHOP
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
 DEFAULT_RCVBUF = 8 << 20
-REQUEST_TIMEOUT = 5.0
 # A destination no sane table routes more specifically than the default route; with
-# RTM_F_FIB_MATCH and an oif the kernel answers with the default route through that oif.
-_PROBE: dict[int, str] = {socket.AF_INET: "0.0.0.1", socket.AF_INET6: "::"}
-
-# rta_expires counts USER_HZ clock ticks (linux/rtnetlink.h: jiffies_to_clock_t).
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+# RTM_F_FIB_MATCH and an oif the kernel answers with the default route through that oif
+# (IPv6: no destination at all, ::/0).
+_PROBE: dict[int, str | None] = {socket.AF_INET: "0.0.0.1", socket.AF_INET6: None}
+# Dump requests: an ifinfomsg / ifaddrmsg of family AF_UNSPEC (every family, no filter).
+_IFINFOMSG_ANY, _IFADDRMSG_ANY = bytes(16), bytes(8)
 
 _rcvbuf_warned = False
 
@@ -113,90 +114,27 @@ def raise_rcvbuf(sock: Any, size: int) -> int:
     return got
 
 
-def _header(msg: Any) -> tuple[int, int]:
-    hdr = msg["header"]
-    return int(hdr["type"]), int(hdr.get("flags", 0))
+def decode(msg: Message, now: float | None = None) -> Event | None:
+    """The event of one live message (nexthop objects by pyroute2's codec, see nexthops)."""
+    if msg.type in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
+        return nexthops.decode(msg)
+    return codec.decode(msg, now)
 
 
-def to_link(msg: Any) -> LinkEvent:
-    mtype, _ = _header(msg)
-    return LinkEvent(index=int(msg["index"]), name=str(msg.get("ifname") or ""),
-                     flags=int(msg["flags"]), operstate=str(msg.get("IFLA_OPERSTATE") or ""),
-                     deleted=mtype == RTM_DELLINK, linkmode=int(msg.get("IFLA_LINKMODE") or 0))
-
-
-def to_addr(msg: Any) -> AddrEvent:
-    mtype, _ = _header(msg)
-    # IFA_LOCAL is our end of a point-to-point IPv4 link; IFA_ADDRESS is then the peer.
-    address = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS") or ""
-    flags = msg.get("IFA_FLAGS")
-    return AddrEvent(index=int(msg["index"]), family=int(msg["family"]), address=str(address),
-                     prefixlen=int(msg["prefixlen"]),
-                     flags=int(flags if flags is not None else msg["flags"]),
-                     scope=int(msg["scope"]), deleted=mtype == RTM_DELADDR)
-
-
-def to_route(msg: Any, now: float | None = None) -> RouteEvent | None:
-    """A RouteEvent for a unicast default route, else None.
-
-    `now` (clock time of the message) turns a lifetime (RTA_CACHEINFO rta_expires, ticks
-    left; negative once run out) into RouteEvent.expires; 0 means the route never expires.
-    """
-    mtype, flags = _header(msg)
-    if msg["dst_len"] != 0 or msg["type"] != RTN_UNICAST:
-        return None
-    table = int(msg.get("RTA_TABLE") or msg["table"])
-    if table == RT_TABLE_LOCAL:
-        return None
-    gateway = msg.get("RTA_GATEWAY")
-    oif = msg.get("RTA_OIF")
-    oifs: tuple[int, ...] = (int(oif),) if oif else ()
-    gateways: tuple[str | None, ...] = (str(gateway) if gateway else None,) if oif else ()
-    for hop in msg.get("RTA_MULTIPATH") or ():
-        hop_gw = hop.get("RTA_GATEWAY")
-        oifs += (int(hop["oif"]),)
-        gateways += (str(hop_gw) if hop_gw else None,)
-        gateway = gateway or hop_gw
-    nhid = msg.get("RTA_NH_ID")
-    ticks = int((msg.get("RTA_CACHEINFO") or {}).get("rta_expires") or 0)
-    expires = None if not ticks or now is None else now + ticks / _CLK_TCK
-    return RouteEvent(family=int(msg["family"]), oifs=oifs,
-                      gateway=str(gateway) if gateway else None, table=table,
-                      priority=int(msg.get("RTA_PRIORITY") or 0),
-                      deleted=mtype == RTM_DELROUTE, gateways=gateways,
-                      nhid=int(nhid) if nhid else None,
-                      replace=mtype == RTM_NEWROUTE and bool(flags & NLM_F_REPLACE),
-                      expires=expires)
-
-
-def decode(msg: Any, now: float | None = None,
-           ) -> LinkEvent | AddrEvent | RouteEvent | NexthopEvent | None:
-    mtype, _ = _header(msg)
-    if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
-        return to_nexthop(msg, mtype == RTM_DELNEXTHOP)
-    if mtype in (RTM_NEWLINK, RTM_DELLINK):
-        return to_link(msg)
-    if mtype in (RTM_NEWADDR, RTM_DELADDR):
-        return to_addr(msg)
-    if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-        return to_route(msg, now)
-    return None
-
-
-async def query_default_routes(ipr: Any, index: int, family: int,
+async def query_default_routes(rtnl: Rtnl, index: int, family: int,
                                now: Callable[[], float]) -> tuple[RouteEvent, ...]:
     """Ask the kernel for the default route through one interface: no table dump.
 
     ENETUNREACH and friends mean there is none; an RA route whose lifetime ran out is
     already not found, although `ip route` lists it until the kernel's next GC.
     """
+    mtype, body = route_get(family, _PROBE[family], oif=index, rtm_flags=RTM_F_FIB_MATCH)
     try:
-        msgs = await ipr.route("get", dst=_PROBE[family], oif=index,
-                               flags=RTM_F_FIB_MATCH, family=family)
+        msgs = await rtnl.request(mtype, body)
     except NetlinkError:
         return ()
-    found = (to_route(m, now()) for m in msgs)
-    return tuple(r for r in found if r is not None and r.deleted is False)
+    found = (codec.route(m, now()) for m in msgs if m.type == RTM_NEWROUTE)
+    return tuple(r for r in found if r is not None)
 
 
 class RouteReader:
@@ -205,24 +143,22 @@ class RouteReader:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._ipr: Any = None
+        self._rtnl: Rtnl | None = None
 
     async def default_routes(self, index: int, family: int) -> tuple[RouteEvent, ...]:
         """As query_default_routes; raises OSError/TimeoutError if the kernel cannot say."""
-        if self._ipr is None:
-            self._ipr = AsyncIPRoute()
+        if self._rtnl is None:
+            self._rtnl = Rtnl()
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                return await query_default_routes(self._ipr, index, family, self._clock)
+            return await query_default_routes(self._rtnl, index, family, self._clock)
         except BaseException:
             self.close()  # a socket that failed once keeps failing (ENOBUFS, EBUSY)
             raise
 
     def close(self) -> None:
-        ipr, self._ipr = self._ipr, None
-        if ipr is not None:
-            with contextlib.suppress(OSError):
-                ipr.close()
+        rtnl, self._rtnl = self._rtnl, None
+        if rtnl is not None:
+            rtnl.close()
 
 
 class NetlinkSource:
@@ -237,53 +173,43 @@ class NetlinkSource:
         self._rcvbuf = rcvbuf
         self._bpf = bpf
         self._debug_rcvbuf = debug_rcvbuf
-        self._ipr: Any = None
+        self._rtnl: Rtnl | None = None
         self._names: dict[int, str] = {}
         self.resyncs = 0
         self.messages = 0
 
-    async def _open(self) -> None:
-        ipr = AsyncIPRoute()
+    def _open(self) -> Rtnl:
+        rtnl = Rtnl(GROUPS)
         try:
-            nexthops.register(ipr)
-            await ipr.bind(groups=GROUPS)
-            sock = ipr.socket
+            sock = rtnl.sock
             if self._debug_rcvbuf is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._debug_rcvbuf)
             else:
                 raise_rcvbuf(sock, self._rcvbuf)
             if self._bpf:
-                attach_filter(sock, int(sock.getsockname()[0]))
+                attach_filter(sock, rtnl.portid)
         except BaseException:
-            ipr.close()
+            rtnl.close()
             raise
-        self._ipr = ipr
+        self._rtnl = rtnl
+        return rtnl
 
     def close(self) -> None:
-        ipr, self._ipr = self._ipr, None
-        if ipr is not None:
-            # Closing a socket that already failed must not hide why it failed.
-            with contextlib.suppress(OSError):
-                ipr.close()
-
-    async def _dump(self, what: str) -> list[Any]:
-        # NLM_F_DUMP_INTR: the table changed under the dump; the events cover the changes,
-        # but entries the kernel skipped would be lost, so read it again.
-        for _ in range(5):
-            msgs = [m async for m in await getattr(self._ipr, what)("dump")]
-            if not any(_header(m)[1] & NLM_F_DUMP_INTR for m in msgs):
-                break
-        return msgs
+        rtnl, self._rtnl = self._rtnl, None
+        if rtnl is not None:
+            rtnl.close()
 
     async def default_routes(self, index: int, family: int) -> tuple[RouteEvent, ...]:
         """Ask the kernel for the default route through one interface: no table dump."""
-        return await query_default_routes(self._ipr, index, family, self._clock)
+        assert self._rtnl is not None, "not open"
+        return await query_default_routes(self._rtnl, index, family, self._clock)
 
-    async def _snapshot(self, reason: str) -> Snapshot:
+    async def _snapshot(self, rtnl: Rtnl, reason: str) -> Snapshot:
         # Nexthops first: the routes read next may refer to them by id only.
-        nhs = await nexthops.dump(self._ipr)
-        links = tuple(to_link(m) for m in await self._dump("link"))
-        addrs = tuple(to_addr(m) for m in await self._dump("addr"))
+        nhs = await nexthops.dump(rtnl)
+        links = tuple(codec.link(m) for m in await rtnl.dump(RTM_GETLINK, _IFINFOMSG_ANY)
+                      if m.type == RTM_NEWLINK)
+        addrs = tuple(codec.addr(m) for m in await rtnl.dump(RTM_GETADDR, _IFADDRMSG_ANY))
         self._names = {link.index: link.name for link in links}
         routes: list[RouteEvent] = []
         for link in links:
@@ -299,11 +225,11 @@ class NetlinkSource:
         while True:
             self.close()
             try:
-                await self._open()
+                rtnl = self._open()
                 # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancel.
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    return await self._snapshot(reason)
-            except (OSError, NetlinkError, TimeoutError) as exc:
+                    return await self._snapshot(rtnl, reason)
+            except (OSError, TimeoutError) as exc:
                 if reason == "start":
                     raise  # at start, a clear failure beats retrying a sandbox refusal forever
                 log.warning("netlink_resync_failed", reason=reason, error=str(exc))
@@ -317,8 +243,8 @@ class NetlinkSource:
             try:
                 async for event in self._read():
                     yield event
-            except (OSError, NetlinkError, TimeoutError) as exc:
-                overflow = getattr(exc, "code", getattr(exc, "errno", None)) == errno.ENOBUFS
+            except (OSError, TimeoutError) as exc:
+                overflow = isinstance(exc, OSError) and exc.errno == errno.ENOBUFS
                 self.resyncs += 1
                 if overflow:
                     log.warning("netlink_overflow", resyncs=self.resyncs)
@@ -328,10 +254,10 @@ class NetlinkSource:
                 yield await self._resync("overflow" if overflow else "error")
 
     async def _read(self) -> AsyncIterator[Event]:
-        # pyroute2's get() ends after one datagram, hence the outer loop.
+        rtnl = self._rtnl
+        assert rtnl is not None, "not open"
         while True:
-            batch = [m async for m in self._ipr.get()]
-            for msg in batch:
+            for msg in await rtnl.events():
                 self.messages += 1
                 event = decode(msg, self._clock())
                 if event is None:
@@ -346,6 +272,10 @@ class NetlinkSource:
                 if isinstance(event, AddrEvent) and event.deleted:
                     name = self._names.get(event.index)
                     if name is not None and self._route_iface(name):
-                        async with asyncio.timeout(REQUEST_TIMEOUT):
-                            routes = await self.default_routes(event.index, event.family)
+                        routes = await self.default_routes(event.index, event.family)
                         yield DefaultRoutes(event.index, event.family, routes)
+
+
+__all__ = ["DEFAULT_RCVBUF", "GROUPS", "NLM_F_MULTI", "RTM_DELROUTE", "RTM_NEWLINK",
+           "RTM_NEWROUTE", "NetlinkSource", "RouteReader", "attach_filter", "bpf_program",
+           "decode", "query_default_routes", "raise_rcvbuf"]

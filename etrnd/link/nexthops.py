@@ -1,63 +1,94 @@
-"""Nexthop objects and RTA_NH_ID for pyroute2 0.9.7, which decodes neither."""
+"""Nexthop objects (`ip nexthop`), decoded by pyroute2's codec, imported only once one exists.
+
+Most machines have no nexthop object (iproute2 and the kernel make routes with their hops
+inline), so the dump at start is empty and pyroute2 (~20 ms of imports with its package
+`__init__` skipped, ~100 ms with it) is not loaded; nor are nexthop messages on the link-up
+path. pyroute2 0.9.7 has no nhmsg: it is declared here on its nlmsg base.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import struct
+import sys
+import types
 from typing import Any
 
-from etrnd.link.rtnl import NetlinkError, nlmsg, rtmsg
+from etrnd.link.rtnl import (
+    RTM_DELNEXTHOP,
+    RTM_GETNEXTHOP,
+    RTM_NEWNEXTHOP,
+    Message,
+    NetlinkError,
+    Rtnl,
+)
 from etrnd.link.state import NexthopEvent
 
-RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 # RTNLGRP_NEXTHOP is group 32: bit 31 of the legacy bind() mask.
 RTMGRP_NEXTHOP = 1 << 31
 _GRP = struct.Struct("=IBBH")  # struct nexthop_grp: id, weight, weight_high, reserved
+_NHMSG_ANY = bytes(8)  # struct nhmsg for a dump: every family, no filter
 
 
-class nhmsg(nlmsg):  # type: ignore[misc]  # pyroute2 is untyped
-    """struct nhmsg and its NHA_* attributes, as far as a watcher needs them."""
+def _package() -> None:
+    """Put pyroute2's package module in place without running its `__init__`, which imports
+    every netlink family it has (conntrack, ipset, nl80211, NDB, IPDB, plan9: 163 modules);
+    it runs the real `__init__` on the first attribute it lacks (PEP 562), so other code in
+    the same process that does `from pyroute2 import X` keeps working."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.origin is None or spec.submodule_search_locations is None:
+        return  # not installed as a package: let the ordinary import say so
+    package = types.ModuleType("pyroute2")
+    package.__spec__ = spec
+    package.__file__ = spec.origin
+    package.__path__ = list(spec.submodule_search_locations)
+    origin = spec.origin
 
-    fields = (("family", "B"), ("scope", "B"), ("protocol", "B"), ("resvd", "B"),
-              ("flags", "I"))
-    nla_map = (
-        ("NHA_UNSPEC", "none"),
-        ("NHA_ID", "uint32"),
-        ("NHA_GROUP", "cdata"),
-        ("NHA_GROUP_TYPE", "uint16"),
-        ("NHA_BLACKHOLE", "flag"),
-        ("NHA_OIF", "uint32"),
-        ("NHA_GATEWAY", "target"),
-        ("NHA_ENCAP_TYPE", "uint16"),
-        ("NHA_ENCAP", "cdata"),
-        ("NHA_GROUPS", "flag"),
-        ("NHA_MASTER", "uint32"),
-        ("NHA_FDB", "flag"),
-    )
+    def complete(name: str) -> Any:
+        # `from pyroute2 import config` asks for a subpackage: import it, nothing more.
+        if importlib.util.find_spec(f"pyroute2.{name}") is not None:
+            return importlib.import_module(f"pyroute2.{name}")
+        # Any other name: the whole __init__, once; it defines every public name.
+        del package.__dict__["__getattr__"]
+        with open(origin, encoding="utf-8") as source:
+            exec(compile(source.read(), origin, "exec"), package.__dict__)  # noqa: S102
+        try:
+            return package.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'pyroute2' has no attribute {name!r}") from None
 
-
-class rtmsg_nh(rtmsg):  # type: ignore[misc]
-    """rtmsg plus the attributes up to RTA_NH_ID (30): a route by nexthop object."""
-
-    # pyroute2 compiles nla_map once per class but keeps the "compiled" mark in a class
-    # attribute that a subclass inherits: without these, rtmsg's table would be used.
-    _nlmsg_base__compiled_nla = False
-    _nlmsg_base__t_nla_map = None
-    _nlmsg_base__r_nla_map = None
-
-    nla_map = (*rtmsg.nla_map,
-               ("RTA_PAD", "hex"),
-               ("RTA_UID", "uint32"),
-               ("RTA_TTL_PROPAGATE", "uint8"),
-               ("RTA_IP_PROTO", "uint8"),
-               ("RTA_SPORT", "uint16"),
-               ("RTA_DPORT", "uint16"),
-               ("RTA_NH_ID", "uint32"))
+    package.__dict__["__getattr__"] = complete  # PEP 562
+    sys.modules["pyroute2"] = package
 
 
-def register(ipr: Any) -> None:
-    """Teach one pyroute2 socket to decode nexthop messages and RTA_NH_ID."""
-    ipr.register_policy({RTM_NEWNEXTHOP: nhmsg, RTM_DELNEXTHOP: nhmsg, RTM_GETNEXTHOP: nhmsg,
-                         24: rtmsg_nh, 25: rtmsg_nh, 26: rtmsg_nh})
+@functools.cache
+def nhmsg() -> Any:
+    """pyroute2's decoder class for struct nhmsg and its NHA_* attributes."""
+    _package()
+    from pyroute2.netlink import nlmsg
+
+    class nhmsg(nlmsg):  # type: ignore[misc]  # pyroute2 is untyped
+        fields = (("family", "B"), ("scope", "B"), ("protocol", "B"), ("resvd", "B"),
+                  ("flags", "I"))
+        nla_map = (
+            ("NHA_UNSPEC", "none"),
+            ("NHA_ID", "uint32"),
+            ("NHA_GROUP", "cdata"),
+            ("NHA_GROUP_TYPE", "uint16"),
+            ("NHA_BLACKHOLE", "flag"),
+            ("NHA_OIF", "uint32"),
+            ("NHA_GATEWAY", "target"),
+            ("NHA_ENCAP_TYPE", "uint16"),
+            ("NHA_ENCAP", "cdata"),
+            ("NHA_GROUPS", "flag"),
+            ("NHA_MASTER", "uint32"),
+            ("NHA_FDB", "flag"),
+        )
+
+    return nhmsg
 
 
 def group_ids(raw: bytes | str | None) -> tuple[int, ...]:
@@ -69,21 +100,22 @@ def group_ids(raw: bytes | str | None) -> tuple[int, ...]:
     return tuple(_GRP.unpack_from(data, off)[0] for off in range(0, usable, _GRP.size))
 
 
-def to_nexthop(msg: Any, deleted: bool) -> NexthopEvent:
-    oif = msg.get("NHA_OIF")
-    gateway = msg.get("NHA_GATEWAY")
-    return NexthopEvent(id=int(msg.get("NHA_ID") or 0), oif=int(oif) if oif else None,
+def decode(msg: Message) -> NexthopEvent:
+    """RTM_NEWNEXTHOP/RTM_DELNEXTHOP as a NexthopEvent."""
+    parsed = nhmsg()(msg.data)
+    parsed.decode()
+    oif = parsed.get("NHA_OIF")
+    gateway = parsed.get("NHA_GATEWAY")
+    return NexthopEvent(id=int(parsed.get("NHA_ID") or 0), oif=int(oif) if oif else None,
                         gateway=str(gateway) if gateway else None,
-                        group=group_ids(msg.get("NHA_GROUP")), deleted=deleted)
+                        group=group_ids(parsed.get("NHA_GROUP")),
+                        deleted=msg.type == RTM_DELNEXTHOP)
 
 
-async def dump(ipr: Any) -> tuple[NexthopEvent, ...]:
+async def dump(rtnl: Rtnl) -> tuple[NexthopEvent, ...]:
     """Every nexthop object; () where the kernel has none (older than 5.3, or refused)."""
-
     try:
-        reply = await ipr.nlm_request(nhmsg(), RTM_GETNEXTHOP)
-        msgs = [m async for m in reply]
+        msgs = await rtnl.dump(RTM_GETNEXTHOP, _NHMSG_ANY)
     except NetlinkError:
         return ()
-    return tuple(to_nexthop(m, False) for m in msgs
-                 if m["header"]["type"] == RTM_NEWNEXTHOP)
+    return tuple(decode(m) for m in msgs if m.type == RTM_NEWNEXTHOP)

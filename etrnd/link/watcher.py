@@ -262,6 +262,10 @@ class LinkWatcher:
                     self._ready.set_result(None)
                 else:
                     self._evaluate()
+                if not self._queue.empty():
+                    # A decision: its reader (the round) goes first, before the messages
+                    # read with this one are decoded (a read rarely suspends when more wait).
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
