@@ -49,6 +49,7 @@ _ADDR = frozenset({IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS})
 _ROUTE = frozenset({RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_CACHEINFO,
                     RTA_TABLE, RTA_NH_ID})
 _HOP = frozenset({RTA_GATEWAY})
+_OIF = frozenset({RTA_OIF})
 # rta_expires counts USER_HZ clock ticks (linux/rtnetlink.h: jiffies_to_clock_t).
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -151,8 +152,7 @@ def route(msg: Message, now: float | None = None) -> RouteEvent | None:
 
 def route_oif(msg: Message) -> int:
     """The output interface of an RTM_NEWROUTE answer (an RTM_GETROUTE's), 0 for none."""
-    return _u32(attrs(msg.data, _HDR + RTMSG.size, len(msg.data),
-                      frozenset({RTA_OIF})).get(RTA_OIF))
+    return _u32(attrs(msg.data, _HDR + RTMSG.size, len(msg.data), _OIF).get(RTA_OIF))
 
 
 def decode(msg: Message, now: float | None = None) -> LinkEvent | AddrEvent | RouteEvent | None:

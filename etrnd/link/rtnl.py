@@ -129,31 +129,51 @@ class Rtnl:
         are kept in `last_flags` (NLM_F_DUMP_INTR).
         """
         loop = asyncio.get_running_loop()
-        async with self._lock, asyncio.timeout(REQUEST_TIMEOUT):
+        async with self._lock:
             self._seq = self._seq % 0x7FFFFFFF + 1
             seq = self._seq
-            await loop.sock_sendall(self.sock, NLMSGHDR.pack(NLMSGHDR.size + len(body), mtype,
-                                                             flags, seq, 0) + body)
-            replies: list[Message] = []
             self.last_flags = 0
+            replies: list[Message] = []
+            # The kernel answers a request within the send (a dump's later parts within the
+            # recv that makes room for them): the answer is usually there at once, and the
+            # time-out (a timer, some µs) is armed only when it is not.
+            packet = NLMSGHDR.pack(NLMSGHDR.size + len(body), mtype, flags, seq, 0) + body
+            try:
+                self.sock.send(packet)
+            except BlockingIOError:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await loop.sock_sendall(self.sock, packet)
+            deadline = loop.time() + REQUEST_TIMEOUT
             while True:
-                for msg in messages(await loop.sock_recv(self.sock, BUFSIZE)):
-                    if not self._mine(msg):
-                        self._backlog.append(msg)
-                        continue
-                    if msg.seq != seq:
-                        continue  # the late answer to a request that timed out
-                    self.last_flags |= msg.flags
-                    if msg.type in (NLMSG_ERROR, NLMSG_DONE):
-                        # Both carry an int: -errno, 0 for an acknowledgement or a clean end.
-                        code = (-_ERRNO.unpack_from(msg.data, NLMSGHDR.size)[0]
-                                if len(msg.data) >= NLMSGHDR.size + 4 else 0)
-                        if code > 0:
-                            raise NetlinkError(code)
-                        return replies
-                    replies.append(msg)
-                    if not msg.flags & NLM_F_MULTI:
-                        return replies
+                try:
+                    data = self.sock.recv(BUFSIZE)
+                except BlockingIOError:
+                    async with asyncio.timeout_at(deadline):
+                        data = await loop.sock_recv(self.sock, BUFSIZE)
+                if self._answer(messages(data), seq, replies):
+                    return replies
+
+    def _answer(self, msgs: list[Message], seq: int, replies: list[Message]) -> bool:
+        """Sort one datagram's messages into `replies` (to request `seq`) and the backlog of
+        events; True once the answer is complete. Raises NetlinkError."""
+        for msg in msgs:
+            if not self._mine(msg):
+                self._backlog.append(msg)
+                continue
+            if msg.seq != seq:
+                continue  # the late answer to a request that timed out
+            self.last_flags |= msg.flags
+            if msg.type in (NLMSG_ERROR, NLMSG_DONE):
+                # Both carry an int: -errno, 0 for an acknowledgement or a clean end.
+                code = (-_ERRNO.unpack_from(msg.data, NLMSGHDR.size)[0]
+                        if len(msg.data) >= NLMSGHDR.size + 4 else 0)
+                if code > 0:
+                    raise NetlinkError(code)
+                return True
+            replies.append(msg)
+            if not msg.flags & NLM_F_MULTI:
+                return True
+        return False
 
     async def dump(self, mtype: int, body: bytes) -> list[Message]:
         """A whole table; read again (up to DUMP_RETRIES times) while the kernel says the
