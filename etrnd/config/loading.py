@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import stat
@@ -26,6 +27,8 @@ from etrnd.config.values import DeliverTo
 FORMAT = 1
 _MAX_BYTES = 1 << 20
 _CONFIG_DIR = Path(__file__).parent
+# pydantic's version.py holds its VERSION (and pins pydantic_core's); PyYAML's __init__ its own.
+VALIDATORS = (("pydantic", "version.py"), ("yaml", "__init__.py"))
 # Validation reads nothing but the file and the password files (audited: no host names are
 # resolved, no path but password_file is opened; $CREDENTIALS_DIRECTORY only locates a bare
 # credential name). The passwords are read again at each load with the same function, so a
@@ -53,10 +56,22 @@ def cache_file(config_path: Path) -> Path | None:
     return directory / f"config-{name}.json"
 
 
+def validator_files() -> list[Path]:
+    """The files that say which pydantic and PyYAML validate (their version strings), found
+    without importing either: an upgrade of the validator alone must validate again too."""
+    found = []
+    for package, name in VALIDATORS:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            found.append(Path(next(iter(spec.submodule_search_locations))) / name)
+    return found
+
+
 def cache_key(raw: bytes) -> str:
-    """What a cached copy is valid for: these bytes, this etrnd, this etrnd/config code."""
+    """What a cached copy is valid for: these bytes, this etrnd, this etrnd/config code, this
+    pydantic and PyYAML."""
     digest = hashlib.sha256(f"etrnd config cache {FORMAT} {__version__}\0".encode())
-    for source in sorted(_CONFIG_DIR.glob("*.py")):
+    for source in [*sorted(_CONFIG_DIR.glob("*.py")), *validator_files()]:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     digest.update(hashlib.sha256(raw).digest())
     return digest.hexdigest()

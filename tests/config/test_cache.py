@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -226,3 +227,30 @@ def test_a_changed_config_source_or_version_validates_again(lab: dict[str, Path]
     init = copy / "etrnd" / "__init__.py"
     init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9'))
     assert validated() and not validated()
+
+
+def test_an_upgraded_pydantic_or_pyyaml_validates_again(lab: dict[str, Path]) -> None:
+    # Copies of the installed validators first on the path, so their version can change as a
+    # `pip install -U` changes it, with etrnd itself unchanged.
+    import pydantic
+    import yaml
+
+    libs = lab["dir"] / "libs"
+    for module in (pydantic, yaml):
+        shutil.copytree(Path(module.__file__).parent, libs / module.__name__,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    env = env_for(lab["state"], PYTHONPATH=f"{ROOT}:{libs}")
+
+    def validated() -> bool:
+        out = load(lab["config"], env)
+        assert out["rc"] == 0, out["stderr"]
+        return bool(out["validated"])
+
+    assert validated() and not validated()
+    version = libs / "pydantic" / "version.py"
+    version.write_text(re.sub(r"^VERSION = '", "VERSION = '9", version.read_text(), flags=re.M))
+    assert validated() and not validated()
+    init = libs / "yaml" / "__init__.py"
+    init.write_text(init.read_text().replace("__version__ = '", "__version__ = '9"))
+    assert validated() and not validated()
+
