@@ -20,7 +20,6 @@ from etrnd.config.model import ConfigError, Watch
 from etrnd.config.values import parse_duration
 from etrnd.link.lines import GateChange, Lines, LinkChange, Output, Plan, plan, single
 from etrnd.link.netlink import DEFAULT_RCVBUF, NetlinkSource, RouteReader
-from etrnd.link.rtnl import NetlinkError
 from etrnd.link.state import DefaultRoutes, LinkState, RouteEvent, Snapshot, Verdict
 from etrnd.outputs.logs import configure, get_logger, iso
 
@@ -369,7 +368,7 @@ class LinkWatcher:
         for index, family in sorted(keys):
             try:
                 routes = await self._reader.default_routes(index, family)
-            except (OSError, NetlinkError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:  # NetlinkError is an OSError
                 log.warning("route_reread_failed", index=index, family=family,
                             error=str(exc) or type(exc).__name__)
                 continue  # judged by its lifetime alone below

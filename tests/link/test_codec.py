@@ -224,3 +224,35 @@ def test_decoders_equal_pyroute2_on_real_kernel_messages() -> None:
               for answer in got["theirs"]]
     assert got["mine"] == theirs
     assert any(got["mine"]) and any(not answer for answer in got["mine"])
+
+
+NEXTHOP_PROBE = r"""
+import asyncio, subprocess, sys
+from etrnd.link.netlink import NetlinkSource
+from etrnd.link.state import NexthopEvent
+
+async def main():
+    events = NetlinkSource().events()
+    snapshot = await anext(events)
+    print("start", len(snapshot.nexthops), "pyroute2" in sys.modules, flush=True)
+    for args in (["link", "add", "nh0", "type", "veth", "peer", "name", "nh1"],
+                 ["link", "set", "nh1", "up"], ["link", "set", "nh0", "up"],
+                 ["nexthop", "add", "id", "7", "dev", "nh0"]):
+        subprocess.run(["ip", *args], check=True)
+    async with asyncio.timeout(10):
+        while not isinstance(event := await anext(events), NexthopEvent):
+            pass
+    print("nexthop", event.id, event.oif is not None, "pyroute2" in sys.modules, flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_pyroute2_is_loaded_only_for_a_nexthop_object() -> None:
+    """The start-up dump of a machine without nexthop objects (most) loads no pyroute2 (~60 ms
+    of every start, with its socket); the first nexthop object is decoded by its codec."""
+    with netns("cnh") as ns:
+        res = subprocess.run(ns.cmd(sys.executable, "-c", NEXTHOP_PROBE), cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["start 0 False", "nexthop 7 True True"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -300,9 +302,16 @@ def test_forced_overflow_is_recovered(ns: Netns) -> None:
     w = Watcher(ns, "--interfaces", wan, "--up-when", "carrier",
                 "--debug-no-filter", "--debug-rcvbuf", "4096")
     w.ready("up")
-    with storm(ns, 30_000):
-        w.next(r"netlink_overflow", timeout=10)
-        ip(ns, "link", "set", peer, "down")  # quite likely lost in the overflow
+    # A reader that is not scheduled while the storm lasts (a busy machine): since etrnd
+    # decodes a message in microseconds it may otherwise keep up with `ip -batch`.
+    os.kill(w.proc.pid, signal.SIGSTOP)  # `ip netns exec` execs: this is the watcher
+    try:
+        with storm(ns, 30_000):
+            pass  # the batch runs to its end
+        ip(ns, "link", "set", peer, "down")  # lost in the overflow...
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+    w.next(r"netlink_overflow", timeout=10)
     w.next(r"event=down\b", timeout=15)      # ...but a re-read finds it
     ip(ns, "link", "set", peer, "up")
     w.next(r"event=up\b", timeout=15)
