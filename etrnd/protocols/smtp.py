@@ -9,13 +9,20 @@ import ssl
 import time
 from typing import Any
 
-from aiosmtplib import SMTP, SMTPHeloError, SMTPResponseException
+from aiosmtplib import (
+    SMTP,
+    SMTPConnectError,
+    SMTPConnectTimeoutError,
+    SMTPHeloError,
+    SMTPResponseException,
+)
 
 from etrnd.config.model import Relay
 from etrnd.config.values import default_helo
 from etrnd.link import egress
 from etrnd.loop import offloop
 from etrnd.outputs.logs import get_logger
+from etrnd.protocols import connect
 from etrnd.protocols.replies import Verdict, failure
 from etrnd.protocols.transcript import TranscriptSMTP
 
@@ -158,7 +165,7 @@ async def open_secure(smtp: TranscriptSMTP, relay: Relay, host: str, log: Any) -
     """Connect and secure per `relay.tls`; returns the TLS state ("none" or the version).
 
     The trust store is loaded off the loop; the route to the relay is checked against the
-    link that is up and `source:` applied (etrnd.link.egress). aiosmtplib resolves `host` with the
+    link that is up and `source:` applied (etrnd.link.egress). `host` is resolved with the
     loop's getaddrinfo (in the executor) under `timeout`: a hung name server costs this
     session its timeout, not the loop. Raises what aiosmtplib raises, or Refused.
     """
@@ -182,22 +189,53 @@ async def _connect(smtp: TranscriptSMTP, relay: Relay, host: str) -> None:
     """
     bound = None if relay.source in ("auto", "kernel") else (relay.source, 0)
     check = asyncio.ensure_future(_source_after_syn(relay, host))
-    smtp.source_address = bound
     try:
-        await smtp.connect()
+        await _connect_from(smtp, relay, host, bound)
     except BaseException:
         check.cancel()
         raise
     wanted = await check
     if wanted != bound:  # etrn_egress_mismatch (source_for) has said why
         smtp.close()
-        smtp.source_address = wanted
-        await smtp.connect()
+        await _connect_from(smtp, relay, host, wanted)
+
+
+async def _connect_from(smtp: TranscriptSMTP, relay: Relay, host: str,
+                        source: tuple[str, int] | None) -> None:
+    """TCP (etrnd.protocols.connect: a second SYN when the first goes unanswered), then
+    aiosmtplib on that socket: implicit TLS (verified against `host`) and the greeting.
+
+    Failures are worded as aiosmtplib words them when it connects by itself: SMTPConnectError
+    "Error connecting to HOST on port PORT: ...", SMTPConnectTimeoutError "Timed out
+    connecting to HOST on port PORT". `relay.timeout` bounds the look-up, TCP and the TLS
+    handshake together, as it did; the greeting after a plain connect has its own.
+    """
+    port = relay.effective_port
+    started = time.monotonic()
+    try:
+        sock = await connect.open_socket(host, port, None if source is None else source[0],
+                                         relay.timeout)
+    except TimeoutError as exc:
+        raise SMTPConnectTimeoutError(f"Timed out connecting to {host} on port {port}") from exc
+    except OSError as exc:
+        raise SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from exc
+    left = max(relay.timeout - (time.monotonic() - started), 0.001)
+    try:
+        # With a socket aiosmtplib wants no port (so its messages say "port None").
+        await smtp.connect(sock=sock, port=None, timeout=left if smtp.use_tls else relay.timeout)
+    except (SMTPConnectError, SMTPConnectTimeoutError) as exc:
+        sock.close()
+        if type(exc) in (SMTPConnectError, SMTPConnectTimeoutError):
+            raise type(exc)(exc.message.replace(" on port None", f" on port {port}")) from exc
+        raise
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def _source_after_syn(relay: Relay, host: str) -> tuple[str, int] | None:
-    # One loop pass later: aiosmtplib's connect runs in a task of its own (wait_for), queued
-    # right after this one, so the SYN leaves before the look-up's own work.
+    # One loop pass later: the first connect attempt runs in a task of its own, queued right
+    # after this one, so the SYN leaves before the look-up's own work.
     await asyncio.sleep(0)
     return await egress.source_for(relay, host, relay.timeout)
 
