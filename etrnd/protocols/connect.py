@@ -10,9 +10,9 @@ from typing import Any
 
 # RFC 8305 section 5's "Connection Attempt Delay": with no answer to the first SYN after this
 # many seconds a second socket sends its own to the same address; first to connect wins.
-# The first SYN after a link-up is lost now and then (a veth's far end drops the SYN-ACK until
-# the kernel's linkwatch re-activates its queue; PPP and LTE lose first packets too), and
-# TCP would send it again only after TCP_TIMEOUT_INIT, 1 s.
+# A line that has just come up (PPP, LTE) loses its first packets now and then, and TCP would
+# send a lost SYN again only after TCP_TIMEOUT_INIT, 1 s. (It does not help when ARP holds
+# both SYNs: docs/performance.md.)
 ATTEMPT_DELAY = 0.25
 
 AddrInfo = tuple[int, tuple[Any, ...]]  # (family, sockaddr)
