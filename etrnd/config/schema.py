@@ -235,13 +235,6 @@ class Relay(_Model):
             raise ValueError("timeout must be greater than 0")
         return self
 
-    @property
-    def label(self) -> str:
-        return self.name or self.all_hosts[0]
-
-    @property
-    def all_hosts(self) -> tuple[str, ...]:
-        return self.hosts if self.hosts is not None else (self.host or "",)
 
 
 class Retry(_Model):
@@ -350,14 +343,6 @@ class Config(_Model):
     health: Health = Field(default=Health(), description=(
         "Thresholds of `etrnd check` and of the `health` in `etrnd status --json`."))
 
-    @model_validator(mode="after")
-    def _check(self) -> Config:
-        seen: set[str] = set()
-        for relay in self.relays:
-            if relay.label in seen:
-                raise ValueError(f"relay name {relay.label!r} is used twice")
-            seen.add(relay.label)
-        return self
 
 
 RUNTIME: dict[type[BaseModel], type] = {
@@ -393,7 +378,12 @@ def parse_config(data: object, *, defer_credentials: bool = False,
         raise ConfigError(list(problems(exc, document, data, Config))) from None
     converted = runtime(config)
     assert isinstance(converted, model.Config)
-    # Across relays: a relay watch that can never be up.
+    # Across relays, on the runtime model (its `label` is the one name rule): a name used
+    # twice, then a relay watch that can never be up.
+    labels = [r.label for r in converted.relays]
+    twice = dict.fromkeys(name for i, name in enumerate(labels) if name in labels[:i])
+    if twice:
+        raise ConfigError([f"(top level): relay name {name!r} is used twice" for name in twice])
     found = failover.problems(
         {r.label: (r.watch.only_when_down if r.watch is not None else ())
          for r in converted.relays},
