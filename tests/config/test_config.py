@@ -179,7 +179,8 @@ def test_duplicate_relay_names() -> None:
     text = MINIMAL + "  - host: mail.isp.example\n    etrn: [n]\n"
     assert problems(text) == ["(top level): relay name 'mail.isp.example' is used twice"]
     # Every name used twice is named, each once (a name on the third relay too).
-    text += ("  - {name: b, host: c.example, etrn: [n]}\n  - {name: b, host: d.example, etrn: [n]}\n"
+    text += ("  - {name: b, host: c.example, etrn: [n]}\n"
+             "  - {name: b, host: d.example, etrn: [n]}\n"
              "  - host: mail.isp.example\n    etrn: [n]\n")
     assert problems(text) == ["(top level): relay name 'mail.isp.example' is used twice",
                               "(top level): relay name 'b' is used twice"]
