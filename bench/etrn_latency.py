@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import ctypes
 import os
 import queue
 import socket
@@ -51,10 +50,9 @@ from pyroute2 import IPRoute
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.nettools import Netns, linked  # noqa: E402
+from tests.support.nettools import Netns, enter, linked  # noqa: E402
 
 ISP, OFFICE, PORT = "198.51.100.1", "198.51.100.2", 25
-CLONE_NEWNET = 0x40000000
 
 WATCHER = r"""
 import subprocess, sys
@@ -79,14 +77,6 @@ ONESHOT = (
 )
 
 
-def enter(ns: Netns) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
 
 
 _readers: dict[int, queue.Queue[str]] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import re
 import socket
@@ -19,9 +18,8 @@ from etrnd.config.model import Relay
 from etrnd.protocols import connect, etrn
 from etrnd.protocols.replies import Verdict
 from tests.support.fakesmtp import FakeSmtp, serve
-from tests.support.nettools import Netns, is_root, netns
+from tests.support.nettools import Netns, enter, is_root, netns
 
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
@@ -33,13 +31,7 @@ def in_netns(ns: Netns, scenario: Callable[[], Awaitable[T]]) -> T:
 
     def run() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
+            enter(ns)
             result.append(asyncio.run(scenario()))  # type: ignore[arg-type]
         except BaseException as exc:  # handed to the test's thread
             errors.append(exc)

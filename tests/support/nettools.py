@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import os
 import subprocess
@@ -66,6 +67,21 @@ def veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
     """A veth pair with one end in each namespace (the pair dies with either namespace)."""
     sh("ip", "link", "add", a_name, "netns", a.name, "type", "veth",
        "peer", "name", b_name, "netns", b.name)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def enter(ns: Netns) -> None:
+    """Move the calling thread into `ns` (setns(2) is per thread: the process's other threads,
+    and the sockets they open, stay where they are)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
 
 
 def is_root() -> bool:
