@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemonproc import running
-from tests.support.nettools import Netns, netns, unique, veth
+from tests.support.nettools import Netns, netns, unique, uplink
 from tests.support.postfix import postfix
 
 pytestmark = pytest.mark.root
@@ -63,15 +63,8 @@ class Lab:
 def lab(tmp_path: Path) -> Iterator[Lab]:
     with netns("egi") as isp, netns("ego") as office:
         wwan, wan = unique("wwan"), unique("wan")
-        for name, office_addr, isp_addr, metric in ((wwan, WWAN_ADDR, "198.51.100.1", "700"),
-                                                    (wan, WAN_ADDR, "203.0.113.1", "100")):
-            peer = unique("ip")
-            veth(office, name, isp, peer)
-            office.ip("addr", "add", f"{office_addr}/24", "dev", name)
-            isp.ip("addr", "add", f"{isp_addr}/24", "dev", peer)
-            for ns, dev in ((office, name), (isp, peer)):
-                ns.ip("link", "set", dev, "up")
-            office.ip("route", "add", "default", "via", isp_addr, "dev", name, "metric", metric)
+        uplink(office, wwan, WWAN_ADDR, isp, "198.51.100.1", "700")
+        uplink(office, wan, WAN_ADDR, isp, "203.0.113.1", "100")
         isp.ip("addr", "add", f"{RELAY}/32", "dev", "lo")
         with postfix(isp, tmp_path / "isp", address=RELAY, relay_domains=("example.test",),
                      settings={"mynetworks": "198.51.100.0/24",

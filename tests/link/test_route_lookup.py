@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from etrnd.link.rtnl import NLM_F_REQUEST, NLMSGHDR, RTM_GETLINK, RTM_NEWLINK, Rtnl, route_get
-from tests.support.nettools import Netns, netns, unique, veth
+from tests.support.nettools import Netns, netns, unique, uplink
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,15 +54,8 @@ def office() -> Iterator[tuple[Netns, str, str]]:
 def lab() -> Iterator[tuple[Netns, Netns, str, str]]:
     with netns("rli") as isp, netns("rlo") as office:
         wan, wwan = unique("wan"), unique("wwan")
-        for name, mine, theirs, metric in ((wan, "203.0.113.2", "203.0.113.1", "100"),
-                                           (wwan, "198.51.100.2", "198.51.100.1", "700")):
-            peer = unique("rp")
-            veth(office, name, isp, peer)
-            office.ip("addr", "add", f"{mine}/24", "dev", name)
-            isp.ip("addr", "add", f"{theirs}/24", "dev", peer)
-            for ns, dev in ((office, name), (isp, peer)):
-                ns.ip("link", "set", dev, "up")
-            office.ip("route", "add", "default", "via", theirs, "dev", name, "metric", metric)
+        uplink(office, wan, "203.0.113.2", isp, "203.0.113.1", "100")
+        uplink(office, wwan, "198.51.100.2", isp, "198.51.100.1", "700")
         office.ip("rule", "add", "from", "198.51.100.2", "table", "100")
         office.ip("route", "add", "default", "via", "198.51.100.1", "dev", wwan, "table", "100")
         yield isp, office, wan, wwan

@@ -69,6 +69,18 @@ def veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
        "peer", "name", b_name, "netns", b.name)
 
 
+def uplink(office: Netns, name: str, mine: str, isp: Netns, theirs: str, metric: str) -> None:
+    """A WAN `name` in `office` joined to `isp` (a veth, both ends up, /24 addresses) with a
+    default route through it at `metric`: one line of a multi-homed office."""
+    peer = unique("up")
+    veth(office, name, isp, peer)
+    office.ip("addr", "add", f"{mine}/24", "dev", name)
+    isp.ip("addr", "add", f"{theirs}/24", "dev", peer)
+    for ns, dev in ((office, name), (isp, peer)):
+        ns.ip("link", "set", dev, "up")
+    office.ip("route", "add", "default", "via", theirs, "dev", name, "metric", metric)
+
+
 CLONE_NEWNET = 0x40000000
 
 
