@@ -56,6 +56,14 @@ class TwoLines:
             self.office.ip("route", "replace", "default", "via", gw, "dev", iface,
                            "metric", metric)
 
+    def collect_lte(self, case: str, odmr: list[str]) -> None:
+        """Leave the lab empty for the next case: the fixed line down, the LTE line up and a
+        daemon run until the ODMR provider's mail for `case` is in the office."""
+        self.line("fiber", False)
+        self.line("lte", True)
+        with running(self.config(), self.workdir / f"{case}2.log", self.office):
+            wait_for(lambda: self.received(f"{case}-lte") == odmr, 60, "the LTE mail, afterwards")
+
     def received(self, prefix: str) -> list[str]:
         """Recipients (To:) of the messages the office received whose local part starts so."""
         found = []
@@ -180,10 +188,7 @@ def test_fixed_line_up_only_etrn_runs_and_its_mail_arrives_over_the_fixed_line(
         assert f"link {lab.fiber_if}: UP" in text and "drives fiber" in text
         assert f"link {lab.lte_if}: DOWN" in text
         assert "drives lte (only while fiber down: standby)" in text
-    lab.line("fiber", False)
-    lab.line("lte", True)
-    with running(lab.config(), lab.workdir / "a2.log", lab.office):  # collect the LTE mail
-        wait_for(lambda: lab.received("a-lte") == odmr, 60, "the LTE mail, afterwards")
+    lab.collect_lte("a", odmr)
 
 
 def test_both_lines_up_only_etrn_runs(lab: TwoLines) -> None:
@@ -210,10 +215,7 @@ def test_both_lines_up_only_etrn_runs(lab: TwoLines) -> None:
         assert rounds(daemon, "lte") == []
         assert lab.received("b-lte") == []
         assert set(odmr) <= set(lab.exim.queued_recipients())
-    # Leave the lab empty for the next case.
-    lab.line("fiber", False)
-    with running(lab.config(), lab.workdir / "b2.log", lab.office):
-        wait_for(lambda: lab.received("b-lte") == odmr, 60, "the LTE mail, afterwards")
+    lab.collect_lte("b", odmr)
 
 
 def test_fixed_line_down_hands_over_to_odmr_and_back_when_it_returns(lab: TwoLines) -> None:
@@ -273,9 +275,7 @@ def test_fixed_line_flapping_within_the_down_hold_starts_no_odmr_session(
         assert lab.received("d-lte") == []
         assert set(odmr) <= set(lab.exim.queued_recipients())
         assert "drives lte (only while fiber down: standby)" in text
-    lab.line("fiber", False)
-    with running(lab.config(), lab.workdir / "d2.log", lab.office):
-        wait_for(lambda: lab.received("d-lte") == odmr, 60, "the LTE mail, afterwards")
+    lab.collect_lte("d", odmr)
 
 
 def test_fixed_line_back_during_an_odmr_transfer_lets_it_finish(lab: TwoLines) -> None:
